@@ -1,0 +1,38 @@
+# The README's two commands: `make demo` and `make test`. Each sets itself up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export GX_ANALYTICS_ENABLED := false
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export MPLBACKEND := Agg
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+# torch first: an unpinned torch (pulled by a dependency) would fetch a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U 'pip>=26'
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/grace demo
+
+test: install
+	$(VENV)/bin/ruff check grace components pipelines tests bench
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/bench_trie.py --write BENCHMARKS.md
+
+lint: install
+	$(VENV)/bin/ruff check grace components pipelines tests bench
+
+clean:
+	rm -rf $(VENV) .cache

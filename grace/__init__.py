@@ -1,0 +1,1 @@
+"""GRACE: generative cross-modal retrieval."""
