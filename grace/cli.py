@@ -1,0 +1,281 @@
+"""The ``grace`` command. Each command is a thin shell over one library call in ``grace``.
+
+Errors in user input print one line naming the file/row and the rule broken, and exit with 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from grace.errors import GraceError, InvalidInputError
+
+app = typer.Typer(help="GRACE: generative cross-modal retrieval.", no_args_is_help=True)
+data_app = typer.Typer(help="Image sets: generate, import, describe.", no_args_is_help=True)
+ids_app = typer.Typer(help="Identifiers: assign, extend, remove, show.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(ids_app, name="ids")
+
+MAX_LISTED_PROBLEMS = 20
+
+
+def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors about bad input into clear lines on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InvalidInputError as e:
+            for p in e.problems[:MAX_LISTED_PROBLEMS]:
+                typer.echo(f"error: {p}", err=True)
+            if len(e.problems) > MAX_LISTED_PROBLEMS:
+                typer.echo(f"error: ... and {len(e.problems) - MAX_LISTED_PROBLEMS} more", err=True)
+            raise typer.Exit(2) from None
+        except (GraceError, FileNotFoundError, KeyError, ValueError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------
+# grace data ...
+# ---------------------------------------------------------------------------------------------
+@data_app.command("synth")
+@reports_errors
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder to write the image set to.")] = Path("data"),
+    n: Annotated[int, typer.Option(help="Number of images.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    test_fraction: Annotated[float, typer.Option(help="Share of images held out.")] = 0.2,
+) -> None:
+    """Generate the demo image set: coloured shapes with compositional captions."""
+    from grace.imageset import summarize
+    from grace.synth import synthesize
+
+    records = synthesize(out, n=n, seed=seed, size=size, test_fraction=test_fraction)
+    typer.echo(f"wrote {len(records)} images to {out}")
+    _print_summary(summarize(records))
+
+
+@data_app.command("import")
+@reports_errors
+def data_import(
+    source: Annotated[
+        Path, typer.Argument(help="Karpathy-split JSON file, or a folder of images.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder to write the image set to.")],
+    images: Annotated[
+        Path | None, typer.Option(help="Image root for a Karpathy JSON (Flickr30K/COCO).")
+    ] = None,
+) -> None:
+    """Import Flickr30K/COCO (Karpathy JSON + image root) or a plain folder of images."""
+    from grace.imageset import summarize
+    from grace.importers import import_folder, import_karpathy
+
+    if source.is_file():
+        if images is None:
+            raise GraceError(f"{source}: a Karpathy JSON needs --images IMAGE_ROOT")
+        records = import_karpathy(source, images, out)
+    elif source.is_dir():
+        records = import_folder(source, out)
+    else:
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    typer.echo(f"imported {len(records)} images into {out}")
+    _print_summary(summarize(records))
+
+
+@data_app.command("manifest")
+@reports_errors
+def data_manifest(
+    data: Annotated[Path, typer.Argument(help="Image set folder.")] = Path("data"),
+    out: Annotated[Path | None, typer.Option(help="Write the manifest (Parquet) here.")] = None,
+) -> None:
+    """Validate an image set and derive its manifest (key, path, size, captions, split)."""
+    from grace.imageset import scan_image_set, summarize, write_manifest
+
+    records = scan_image_set(data)
+    if out is not None:
+        write_manifest(records, out)
+        typer.echo(f"wrote manifest of {len(records)} images to {out}")
+    _print_summary(summarize(records))
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    for k, v in summary.items():
+        typer.echo(f"  {k}: {v}")
+
+
+# ---------------------------------------------------------------------------------------------
+# grace ids ...
+# ---------------------------------------------------------------------------------------------
+SchemeOpt = Annotated[str, typer.Option(help="numeric | string | semantic | structured | atomic")]
+EmbedderOpt = Annotated[
+    str,
+    typer.Option(
+        help="Image embedder for structured ids: dual-encoder (trained on the set's captions), "
+        "dual-encoder:PATH (a saved one) or clip:PATH (a local CLIP)."
+    ),
+]
+
+
+@ids_app.command("assign")
+@reports_errors
+def ids_assign(
+    data: Annotated[Path, typer.Option(help="Image set folder or manifest.parquet.")],
+    out: Annotated[Path, typer.Option(help="Identifier map to write (JSON).")],
+    scheme: SchemeOpt = "numeric",
+    param: Annotated[
+        list[str] | None, typer.Option(help="Scheme parameter KEY=VALUE (e.g. k=30, c=30).")
+    ] = None,
+    embedder: EmbedderOpt = "dual-encoder",
+    embedder_seconds: Annotated[
+        float, typer.Option(help="Training budget of a dual-encoder embedder.")
+    ] = 60.0,
+) -> None:
+    """Give every image of a set an identifier of one scheme."""
+    from grace.identifiers import assign_identifiers
+
+    records, root = _load(data)
+    emb = _embedder(embedder, records, root, embedder_seconds) if scheme == "structured" else None
+    m = assign_identifiers(records, scheme, params=_params(param), embedder=emb, root=root)
+    m.save(out)
+    typer.echo(f"assigned {len(m)} {scheme} identifiers -> {out}")
+
+
+@ids_app.command("extend")
+@reports_errors
+def ids_extend(
+    ids: Annotated[Path, typer.Option(help="Identifier map to extend (JSON).")],
+    data: Annotated[Path, typer.Option(help="Image set; images not in the map are added.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write (default: in place).")] = None,
+    embedder: EmbedderOpt = "dual-encoder",
+    embedder_seconds: float = 60.0,
+) -> None:
+    """Give new images identifiers; existing identifiers never change."""
+    from grace.identifiers import IdentifierMap
+
+    m = IdentifierMap.load(ids)
+    records, root = _load(data)
+    retired = set(m.retired)
+    new = [r for r in records if r.key not in m.ids and r.key not in retired]
+    emb = (
+        _embedder(embedder, records, root, embedder_seconds)
+        if m.scheme == "structured" and new
+        else None
+    )
+    m2 = m.extend(new, embedder=emb, root=root)
+    m2.save(out or ids)
+    typer.echo(f"added {len(new)} identifiers ({len(m2)} live) -> {out or ids}")
+
+
+@ids_app.command("remove")
+@reports_errors
+def ids_remove(
+    ids: Annotated[Path, typer.Option(help="Identifier map (JSON).")],
+    keys: Annotated[list[str] | None, typer.Argument(help="Image keys (sha256) to retire.")] = None,
+    missing_from: Annotated[
+        Path | None, typer.Option(help="Retire every image no longer in this image set.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write (default: in place).")] = None,
+) -> None:
+    """Retire identifiers: never returned by retrieval again, never reissued."""
+    from grace.identifiers import IdentifierMap
+
+    m = IdentifierMap.load(ids)
+    targets = list(keys or [])
+    if missing_from is not None:
+        present = {r.key for r in _load(missing_from)[0]}
+        targets += [k for k in m.ids if k not in present]
+    m2 = m.remove(targets)
+    m2.save(out or ids)
+    typer.echo(f"retired {len(targets)} identifiers ({len(m2)} live) -> {out or ids}")
+
+
+@ids_app.command("show")
+@reports_errors
+def ids_show(
+    ids: Annotated[Path, typer.Argument(help="Identifier map (JSON).")],
+    data: Annotated[
+        Path | None, typer.Option(help="Image set, to tokenize ids and size the trie.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Examples to print.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Statistics of an identifier map (and of its trie, given the image set)."""
+    from grace.identifier_index import identifier_stats
+    from grace.identifiers import IdentifierMap
+
+    m = IdentifierMap.load(ids)
+    records = _load(data)[0] if data is not None else None
+    stats = identifier_stats(m, records)
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    _print_summary(stats)
+    for ident, key in m.identifiers()[:limit]:
+        typer.echo(f"  {ident!r:40} -> {key[:16]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# grace demo
+# ---------------------------------------------------------------------------------------------
+@app.command("demo")
+@reports_errors
+def demo(
+    data: Annotated[Path, typer.Option(help="Demo image set folder (generated if absent).")] = Path(
+        "data"
+    ),
+    work: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("work/demo"),
+    n: int = 1000,
+    embedder_seconds: float = 60.0,
+) -> None:
+    """The library-level demo: image set, identifiers of every kind, their tries."""
+    from grace.demo import run_demo
+
+    run_demo(data=data, work=work, n=n, embedder_seconds=embedder_seconds, echo=typer.echo)
+
+
+# ---------------------------------------------------------------------------------------------
+def _load(path: Path):
+    from grace.imageset import load_records
+
+    records = load_records(path)
+    root = path if path.is_dir() else path.parent
+    return records, root
+
+
+def _params(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise GraceError(f"--param {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _embedder(spec: str, records, root: Path, seconds: float):
+    from grace.embedding import make_embedder
+
+    return make_embedder(spec, records, root, max_seconds=seconds)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
