@@ -9,7 +9,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image of a set. ``path`` is relative to the set's root, in POSIX form (``images/x.png``)."""
+    """One image of a set; ``path`` is relative to the set root, POSIX form (``images/x.png``)."""
 
     key: str
     path: str
