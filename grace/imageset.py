@@ -58,9 +58,9 @@ def scan_image_set(root: str | os.PathLike, limits: Limits = Limits()) -> list[I
     problems: list[Problem] = []
     found: dict[str, tuple[str, int, int]] = {}  # relative path -> (key, width, height)
     owner_of_key: dict[str, str] = {}
-    for path in _image_files(images_dir):
+    for path in image_files(images_dir):
         rel = path.relative_to(images_dir).as_posix()
-        checked = _check_image(path, limits)
+        checked = check_image(path, limits)
         if isinstance(checked, Problem):
             problems.append(checked)
             continue
@@ -125,7 +125,7 @@ def scan_image_set(root: str | os.PathLike, limits: Limits = Limits()) -> list[I
     ]
 
 
-def _image_files(images_dir: Path) -> list[Path]:
+def image_files(images_dir: Path) -> list[Path]:
     """Every file under ``images/`` except hidden ones (``.DS_Store``, editor swap files)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(images_dir):
@@ -134,8 +134,11 @@ def _image_files(images_dir: Path) -> list[Path]:
     return out
 
 
-def _check_image(path: Path, limits: Limits) -> tuple[str, int, int] | Problem:
-    """(sha256, width, height) of a readable image, or the rule it breaks."""
+def check_image(path: Path, limits: Limits) -> tuple[str, int, int] | Problem:
+    """(sha256, width, height) of a readable image, or the rule it breaks.
+
+    Public so every validator (``grace.validation``) applies the same per-file rules.
+    """
     size = path.stat().st_size
     if size == 0:
         return Problem(str(path), "non-empty-image", "empty file (0 bytes)")
