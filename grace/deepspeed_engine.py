@@ -1,0 +1,366 @@
+"""One training-step API for a plain PyTorch loop, with or without DeepSpeed ZeRO.
+
+A nanoGPT-style loop (forward, loss, backward, clip, step, its own lr schedule) calls the same
+methods either way, so ``--deepspeed ds_config.json`` changes no loop code::
+
+    engine = make_engine(model, param_groups, lr, ds_config_path, grad_clip=1.0, bf16=True)
+    for step in ...:
+        engine.set_lr(lr_at(step))
+        with engine.autocast():
+            loss = loss_fn(engine.model(batch.to(engine.device)))
+        engine.backward(loss)
+        engine.step()
+    state = engine.state_dict_for_save()  # collective under ZeRO-3; a dict on rank 0 only
+
+Both paths train with the same ``torch.optim.AdamW`` built from the loop's param groups (DeepSpeed
+gets it as a client optimizer factory unless the json has its own ``"optimizer"`` section), so
+on one process in fp32 they do the same math and no DeepSpeed optimizer kernel is JIT-compiled.
+DeepSpeed is imported only when a config is given: it is heavy and optional at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grace.atomic_io import write_with
+
+log = logging.getLogger(__name__)
+
+ParamGroups = Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]]
+
+# A launcher (deepspeed, torchrun, mpirun) sets at least one of these; we then leave the env alone.
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+_PLAIN_CKPT = "plain_state.pt"
+_CLIENT_KEY = "grace_client_state"
+
+
+class TrainEngine:
+    """The loop-facing API; :func:`make_engine` returns one of its two implementations."""
+
+    model: torch.nn.Module  # call forward on this (the DeepSpeed engine wraps the module)
+    module: torch.nn.Module  # the unwrapped module (config, custom methods, eval)
+    optimizer: torch.optim.Optimizer
+    bf16: bool
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process is rank 0: the one that logs and writes single-copy artifacts."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Where the loop should put its batches."""
+        raise NotImplementedError
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast around forward and loss, so fp32 inputs meet bf16 weights safely."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def set_lr(self, lr: float) -> None:
+        """Set every param group's lr: the loop owns the schedule (warm-up, cosine, time budget)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> float | None:
+        """Clip, step the optimizer and zero the grads; return the pre-clip grad norm if known."""
+        raise NotImplementedError
+
+    def state_dict_for_save(self) -> dict[str, torch.Tensor] | None:
+        """Full model weights on CPU on the main rank, ``None`` elsewhere (call on every rank).
+
+        Tensors already on CPU are the live weights, not copies: save them, or clone to keep.
+        In DeepSpeed bf16 mode they are bf16 (the fp32 master copy is in the checkpoint).
+        """
+        raise NotImplementedError
+
+    def save_checkpoint(
+        self, ckpt_dir: str | Path, client_state: dict[str, Any] | None = None
+    ) -> None:
+        """Save weights, optimizer state and ``client_state`` (step, RNG...) for resuming."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
+        """Restore what :meth:`save_checkpoint` wrote; return its ``client_state``."""
+        raise NotImplementedError
+
+
+def _adamw(
+    params: ParamGroups, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class PlainEngine(TrainEngine):
+    """Single-process AdamW + ``clip_grad_norm_``: the default, and the DeepSpeed reference."""
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, bf16: bool
+    ):
+        self.model = self.module = model
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.bf16 = bf16
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float | None:
+        norm = None
+        if self.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def save_checkpoint(
+        self, ckpt_dir: str | Path, client_state: dict[str, Any] | None = None
+    ) -> None:
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "client_state": client_state or {},
+        }
+        write_with(Path(ckpt_dir) / _PLAIN_CKPT, lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
+        path = Path(ckpt_dir) / _PLAIN_CKPT
+        if not path.is_file():
+            raise FileNotFoundError(f"no plain (non-DeepSpeed) checkpoint at {path}")
+        # our own file, trusted like DeepSpeed's (which loads with weights_only=False): the
+        # loop's client_state may hold e.g. numpy RNG state
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["client_state"]
+
+
+class DeepSpeedTrainEngine(TrainEngine):
+    """Adapter over a ``deepspeed.DeepSpeedEngine`` (ZeRO 0-3); every method is collective."""
+
+    def __init__(self, ds_engine: Any, bf16: bool):
+        self.model = ds_engine
+        self.module = ds_engine.module
+        self.optimizer = ds_engine.optimizer
+        self.bf16 = bf16
+        self._ds = ds_engine
+
+    @property
+    def is_main(self) -> bool:
+        return self._ds.global_rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._ds.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._ds.backward(loss)
+
+    def step(self) -> float | None:
+        self._ds.step()  # clips by "gradient_clipping", steps, zeroes the grads
+        norm = self._ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def state_dict_for_save(self) -> dict[str, torch.Tensor] | None:
+        if self._ds.zero_optimization_partition_weights():  # ZeRO-3: gather the shards
+            if not self._ds.zero_gather_16bit_weights_on_model_save():
+                raise ValueError(
+                    "ZeRO-3 exports weights only with zero_optimization."
+                    "stage3_gather_16bit_weights_on_model_save: true (or run zero_to_fp32.py)"
+                )
+            state = self._ds._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.module.state_dict() if self.is_main else None
+        if state is None or not self.is_main:
+            return None
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    def save_checkpoint(
+        self, ckpt_dir: str | Path, client_state: dict[str, Any] | None = None
+    ) -> None:
+        self._ds.save_checkpoint(str(ckpt_dir), client_state={_CLIENT_KEY: client_state or {}})
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
+        """Load the ``latest`` tag. Under ZeRO-3 use a fresh engine: DeepSpeed cannot load into
+        one that has already saved (its module is partitioned)."""
+        path, client_state = self._ds.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint ('latest' tag) in {ckpt_dir}")
+        # DeepSpeed's "client state" also carries its own bookkeeping keys: return only ours
+        return (client_state or {}).get(_CLIENT_KEY, {})
+
+
+def make_engine(
+    model: torch.nn.Module,
+    param_groups: ParamGroups,
+    lr: float,
+    ds_config_path: str | Path | None = None,
+    grad_clip: float = 1.0,
+    bf16: bool = False,
+    *,
+    micro_batch_size: int = 1,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> TrainEngine:
+    """Wrap ``model`` for training: plain AdamW without a config, DeepSpeed with one.
+
+    ``param_groups`` is what ``torch.optim.AdamW`` takes (params, or dicts with per-group
+    ``weight_decay``); ``weight_decay`` is the default for groups without one. ``grad_clip <= 0``
+    turns clipping off. ``micro_batch_size`` only fills DeepSpeed's batch-size bookkeeping.
+
+    ``bf16`` means autocast over fp32 weights on the plain path, and DeepSpeed's bf16 mode (bf16
+    weights, fp32 master copy in the optimizer) with a config; :meth:`TrainEngine.autocast` is
+    right for both. With DeepSpeed, call this on every rank, and the model is moved to the device.
+    """
+    groups = list(param_groups)
+    if ds_config_path is None:
+        opt = _adamw(groups, lr, betas, eps, weight_decay)
+        return PlainEngine(model, opt, grad_clip, bf16)
+
+    cfg = json.loads(Path(ds_config_path).read_text())
+    cfg = resolve_ds_config(
+        cfg,
+        lr=lr,
+        grad_clip=grad_clip,
+        bf16=bf16,
+        micro_batch_size=micro_batch_size,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
+    ensure_dist_env()
+    import deepspeed  # lazy: heavy, and only this path needs it
+
+    _skip_shm_comm_build_if_single_process()
+    # Our own AdamW (a factory, so DeepSpeed builds it after moving the model) unless the json
+    # names one, e.g. DeepSpeedCPUAdam for ZeRO-Offload.
+    client_opt = None
+    if "optimizer" not in cfg:
+
+        def client_opt(params: ParamGroups) -> torch.optim.AdamW:
+            return _adamw(params, lr, betas, eps, weight_decay)
+
+    ds_engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=groups, optimizer=client_opt, config=cfg
+    )
+    return DeepSpeedTrainEngine(ds_engine, bf16=bool(cfg.get("bf16", {}).get("enabled", False)))
+
+
+def resolve_ds_config(
+    cfg: dict[str, Any],
+    *,
+    lr: float,
+    grad_clip: float,
+    bf16: bool,
+    micro_batch_size: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> dict[str, Any]:
+    """A copy of ``cfg`` with ``"auto"`` fields taken from the loop, as HF Trainer does.
+
+    Any other ``"auto"`` is dropped so DeepSpeed's default applies. A ``"scheduler"`` section is
+    refused (the loop sets the lr every step and the two would fight), and so is gradient
+    accumulation (the loop steps after every backward).
+    """
+    cfg = copy.deepcopy(cfg)
+    if "scheduler" in cfg:
+        raise ValueError("remove the DeepSpeed 'scheduler' section: the training loop sets the lr")
+    gas = cfg.get("gradient_accumulation_steps", "auto")
+    if gas not in ("auto", 1):
+        raise ValueError(f"gradient_accumulation_steps must be 1 or 'auto', got {gas!r}")
+    cfg["gradient_accumulation_steps"] = 1
+    _fill(cfg, "train_micro_batch_size_per_gpu", micro_batch_size)
+    _fill(cfg, "gradient_clipping", max(0.0, grad_clip))
+    _fill(cfg.setdefault("bf16", {}), "enabled", bf16)
+    _fill(cfg.setdefault("fp16", {}), "enabled", False)
+    if cfg["bf16"]["enabled"] and cfg["fp16"]["enabled"]:
+        raise ValueError("DeepSpeed config enables both bf16 and fp16")
+    opt_params = cfg.get("optimizer", {}).get("params", {})
+    for key, value in {
+        "lr": lr,
+        "betas": list(betas),
+        "eps": eps,
+        "weight_decay": weight_decay,
+    }.items():
+        _fill(opt_params, key, value)
+    _drop_auto(cfg)
+    return cfg
+
+
+def _fill(section: dict[str, Any], key: str, value: Any) -> None:
+    if section.get(key, "auto") == "auto":
+        section[key] = value
+
+
+def _drop_auto(node: dict[str, Any]) -> None:
+    for key in list(node):
+        if node[key] == "auto":
+            log.info("DeepSpeed config: %r is 'auto' with no loop value; using its default", key)
+            del node[key]
+        elif isinstance(node[key], dict):
+            _drop_auto(node[key])
+
+
+def ensure_dist_env() -> None:
+    """Give DeepSpeed a one-process gloo/nccl world when no launcher set one up.
+
+    Without RANK/WORLD_SIZE/... DeepSpeed tries MPI discovery (mpi4py) and fails; a launcher's
+    values are never overridden.
+    """
+    if any(v in os.environ for v in _LAUNCHER_VARS):
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _skip_shm_comm_build_if_single_process() -> None:
+    """Stop DeepSpeed JIT-compiling its CPU shared-memory all-reduce for a one-process world.
+
+    On the CPU accelerator every ``TorchBackend()`` (built by ``deepspeed.initialize``) calls
+    ``build_shm_op()``, which compiles ``deepspeed_shm_comm`` with ninja (75-140 s on 2 cores)
+    whenever ``deepspeed.ops.__compatible_ops__`` marks it compatible (always on Linux) and no
+    prebuilt copy is installed. The op only serves inference all-reduce across >1 ranks, so with
+    one rank we mark it incompatible in that dict, which DeepSpeed caches and consults there
+    (no code is patched). CUDA's accelerator has no such builder, so GPU runs never build it.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu" and os.environ.get("WORLD_SIZE") == "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
