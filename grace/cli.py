@@ -115,6 +115,113 @@ def _print_summary(summary: dict[str, Any]) -> None:
         typer.echo(f"  {k}: {v}")
 
 
+RepoOpt = Annotated[Path, typer.Option(help="Git + DVC repository holding the image set.")]
+RemoteOpt = Annotated[str | None, typer.Option(help="DVC remote name (default: the default).")]
+
+
+@data_app.command("add")
+@reports_errors
+def data_add(
+    path: Annotated[Path, typer.Argument(help="Image set folder (images/ + captions.jsonl).")],
+    repo: RepoOpt = Path("."),
+    message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+) -> None:
+    """Add new images and captions to the versioned set data/ (validated, dvc add, git commit)."""
+    from grace.versioning import add_images
+
+    typer.echo(f"committed {add_images(repo, path, message=message)}")
+
+
+@data_app.command("push")
+@reports_errors
+def data_push(repo: RepoOpt = Path("."), remote: RemoteOpt = None) -> None:
+    """Upload the versioned set's data to the DVC remote (credentials from the environment)."""
+    from grace.versioning import push
+
+    typer.echo(f"pushed {push(repo, remote=remote)} files")
+
+
+@data_app.command("pull")
+@reports_errors
+def data_pull(
+    repo: RepoOpt = Path("."),
+    rev: Annotated[
+        str | None,
+        typer.Option(help="Only fetch this revision's data into the cache; work tree unchanged."),
+    ] = None,
+    remote: RemoteOpt = None,
+) -> None:
+    """Download the versioned set's data from the DVC remote."""
+    from grace.versioning import pull
+
+    typer.echo(f"fetched {pull(repo, rev=rev, remote=remote)} files")
+
+
+@data_app.command("diff")
+@reports_errors
+def data_diff(
+    a: Annotated[str, typer.Argument(help="Old git revision.")],
+    b: Annotated[str, typer.Argument(help="New git revision.")],
+    repo: RepoOpt = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Images added, removed and modified between two revisions, by content key (sha256)."""
+    from grace.versioning import diff
+
+    d = diff(repo, a, b)
+    if as_json:
+        typer.echo(json.dumps(d.to_dict(), indent=2))
+        return
+    typer.echo(f"added {len(d.added)}, removed {len(d.removed)}, modified {len(d.modified)}")
+    for key in d.added:
+        typer.echo(f"  + {key}")
+    for key in d.removed:
+        typer.echo(f"  - {key}")
+    for m in d.modified:
+        typer.echo(f"  ~ {m.path} ({', '.join(m.changes)})")
+
+
+@data_app.command("remote")
+@reports_errors
+def data_remote(
+    url: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local folder.")],
+    repo: RepoOpt = Path("."),
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="S3-compatible endpoint (MinIO, ...).")
+    ] = None,
+    name: Annotated[str, typer.Option(help="Remote name.")] = "storage",
+) -> None:
+    """Set the default DVC remote and commit .dvc/config; credentials stay in the environment."""
+    from grace.versioning import configure_remote
+
+    rev = configure_remote(repo, url, name=name, endpoint_url=endpoint_url)
+    typer.echo(f"remote {name} -> {url} (commit {rev})")
+
+
+@data_app.command("validate")
+@reports_errors
+def data_validate(
+    data: Annotated[Path, typer.Argument(help="Image set folder.")] = Path("data"),
+    report: Annotated[Path | None, typer.Option(help="Write an HTML report here.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the result (with GX's) as JSON here.")
+    ] = None,
+    min_images: Annotated[int, typer.Option(help="Fewest images the set may have.")] = 1,
+) -> None:
+    """Check an image set with great-expectations; exit 2 listing every failing row."""
+    from grace.atomic_io import write_json, write_text
+    from grace.validation import validate_image_set
+
+    result = validate_image_set(data, min_images=min_images)
+    if report is not None:
+        write_text(report, result.to_html())
+    if json_out is not None:
+        write_json(json_out, result.to_dict())
+    _print_summary(result.summary())
+    if not result.success:
+        raise InvalidInputError(list(result.problems))
+
+
 # ---------------------------------------------------------------------------------------------
 # grace ids ...
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +331,132 @@ def ids_show(
     _print_summary(stats)
     for ident, key in m.identifiers()[:limit]:
         typer.echo(f"  {ident!r:40} -> {key[:16]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# grace train | retrieve | describe | evaluate
+# ---------------------------------------------------------------------------------------------
+@app.command("train")
+@reports_errors
+def train_cmd(
+    data: Annotated[Path, typer.Option(help="Image set folder or manifest.parquet.")],
+    ids: Annotated[Path, typer.Option(help="Identifier map (JSON) from `grace ids assign`.")],
+    out: Annotated[Path, typer.Option(help="Run folder (resumed when it holds a checkpoint).")],
+    backbone: Annotated[
+        str, typer.Option(help="'tiny' (offline default), a local model folder or a hub id.")
+    ] = "tiny",
+    epochs: Annotated[int | None, typer.Option(help="Passes over all examples.")] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Stop (and save) after this many minutes.")
+    ] = None,
+    deepspeed: Annotated[
+        Path | None, typer.Option(help="DeepSpeed JSON config (ZeRO-2/3), e.g. configs/...")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="JSON file of TrainConfig fields (overridden by flags).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="TrainConfig field KEY=VALUE (repeatable).")
+    ] = None,
+) -> None:
+    """Learn to memorize (image -> id) and to retrieve (query -> id), with pseudo-queries."""
+    from grace.configuration_grace import TrainConfig
+    from grace.identifiers import IdentifierMap
+    from grace.training_grace import train
+
+    fields = json.loads(config.read_text()) if config is not None else {}
+    fields.update(_params(set_))
+    fields["backbone"] = backbone
+    if epochs is not None:
+        fields["epochs"] = epochs
+    if max_minutes is not None:
+        fields["max_seconds"] = 60 * max_minutes
+    if deepspeed is not None:
+        fields["deepspeed"] = str(deepspeed)
+    cfg = TrainConfig.from_dict(fields)
+    records, root = _load(data)
+    gm = train(records, root, IdentifierMap.load(ids), out, cfg)
+    typer.echo(f"trained {gm.info['steps']} steps -> {out / 'model'}")
+
+
+ModelOpt = Annotated[Path, typer.Option(help="Trained model folder (RUN/model).")]
+
+
+@app.command("retrieve")
+@reports_errors
+def retrieve_cmd(
+    queries: Annotated[list[str], typer.Argument(help="Text queries.")],
+    model: ModelOpt,
+    k: Annotated[int, typer.Option(help="Images per query.")] = 5,
+    beams: Annotated[int, typer.Option(help="Beam width (>= k).")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Text -> images by beam search constrained to the identifier trie."""
+    from dataclasses import asdict
+
+    from grace.modeling_grace import GraceModel
+
+    gm = GraceModel.load(model)
+    results = gm.retrieve(queries, k=k, num_beams=max(beams, k))
+    if as_json:
+        typer.echo(json.dumps([[asdict(h) for h in row] for row in results], indent=2))
+        return
+    for q, row in zip(queries, results, strict=True):
+        typer.echo(f"{q}")
+        for rank, h in enumerate(row, start=1):
+            typer.echo(f"  {rank}. {h.path}  id={h.identifier!r}  score={h.score:.3f}")
+
+
+@app.command("describe")
+@reports_errors
+def describe_cmd(
+    identifiers: Annotated[list[str], typer.Argument(help="Identifiers of memorized images.")],
+    model: ModelOpt,
+) -> None:
+    """Describe a memorized image given only its identifier."""
+    from grace.modeling_grace import GraceModel
+
+    gm = GraceModel.load(model)
+    for ident, text in zip(identifiers, gm.describe(identifiers), strict=True):
+        typer.echo(f"{ident}: {text}")
+
+
+@app.command("evaluate")
+@reports_errors
+def evaluate_cmd(
+    model: ModelOpt,
+    data: Annotated[Path, typer.Option(help="Image set folder or manifest.parquet.")],
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json and report.html.")],
+    gallery: Annotated[str, typer.Option(help="'all' memorized images or 'test' only.")] = "all",
+    beams: int = 10,
+    dense: Annotated[
+        str | None,
+        typer.Option(
+            help="Dense baseline: dual-encoder (trained now), dual-encoder:PATH, clip:PATH."
+        ),
+    ] = "dual-encoder",
+    dense_seconds: Annotated[float, typer.Option(help="Training budget of the baseline.")] = 60.0,
+    max_queries: int | None = None,
+) -> None:
+    """Recall@1/5/10 on held-out queries, memorization accuracy, latency; dense baseline."""
+    from grace.evaluation import evaluate, write_report
+    from grace.modeling_grace import GraceModel
+
+    gm = GraceModel.load(model)
+    records, root = _load(data)
+    baseline = _embedder(dense, records, root, dense_seconds) if dense else None
+    result = evaluate(
+        gm,
+        records,
+        root,
+        gallery=gallery,
+        num_beams=beams,
+        dense=baseline,
+        max_queries=max_queries,
+    )
+    metrics_path, report = write_report(result, records, root, out)
+    _print_summary({k: round(v, 4) for k, v in result.metrics.items()})
+    typer.echo(f"wrote {metrics_path} and {report}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""Settings of a GRACE training run: backbone, tasks, optimisation, budget, checkpoints.
+
+Plain dataclasses so a run's settings are logged as parameters and saved beside the model as is.
+Defaults are for the tiny offline backbone on 2 CPU cores; the paper's GPU settings are noted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+TINY_BACKBONE = "tiny"
+
+
+@dataclass
+class TinyBackboneConfig:
+    """The offline default: an Idefics3 (SmolVLM architecture) from a config, random init.
+
+    Idefics3's pixel shuffle cuts image tokens by ``scale_factor**2``: 64 px, patch 8 gives
+    64 patches and 16 image tokens.
+    """
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    text_hidden: int = 256
+    text_layers: int = 4
+    heads: int = 4
+    scale_factor: int = 2
+    vocab_size: int = 2000
+
+    @property
+    def image_seq_len(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 // self.scale_factor**2
+
+
+@dataclass
+class Prompts:
+    """Instructions of the four tasks (chat-template user turns; the answer follows)."""
+
+    memorize: str = "Which identifier does this image have?"
+    retrieve: str = "Which image shows: {query}"
+    describe: str = "Describe image {identifier}."
+    caption: str = "Describe this image."
+
+
+@dataclass
+class TrainConfig:
+    """One run of learning to memorize + learning to retrieve.
+
+    Paper settings on GPUs: lr 1e-4, 500 warm-up steps, weight decay 0.1, clipping 1.0, bf16,
+    5 epochs, ZeRO-3. The defaults below are what a from-scratch tiny model needs on a CPU.
+    """
+
+    backbone: str = TINY_BACKBONE  # "tiny", a local path or a hub id (AutoModelForImageTextToText)
+    tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)
+    prompts: Prompts = field(default_factory=Prompts)
+    # tasks: memorize (image -> id) and retrieve (query -> id) are always on
+    describe_task: bool = True  # id -> caption: the "beyond retrieval" ability
+    caption_task: bool = True  # image -> caption: what pseudo-queries are generated with
+    pseudo_queries: bool = True  # images without train captions get generated queries
+    pseudo_query_epoch: int = 0  # epoch at whose start pseudo-queries are generated (0: off)
+    pseudo_queries_per_image: int = 1
+    # optimisation
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    max_seconds: float | None = None  # stop early (and save) when the budget is spent
+    num_threads: int | None = None
+    deepspeed: str | None = None  # path of a DeepSpeed JSON config (ZeRO-2/3)
+    # checkpoints
+    checkpoint_every: int = 200  # optimizer steps; 0 disables intermediate checkpoints
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tiny, dict):
+            self.tiny = TinyBackboneConfig(**self.tiny)
+        if isinstance(self.prompts, dict):
+            self.prompts = Prompts(**self.prompts)
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if self.pseudo_query_epoch >= self.epochs:
+            raise ValueError(
+                f"pseudo_query_epoch {self.pseudo_query_epoch} must be < epochs {self.epochs}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,186 @@
+"""Training examples of GRACE's tasks, tokenized once, and their batches.
+
+Four tasks share one format, a user turn and an answer ending in EOS, with the loss on the
+answer only:
+
+- memorize: image -> identifier (learning to memorize);
+- retrieve: query -> identifier (learning to retrieve; real or pseudo-queries);
+- describe: identifier -> caption (the paper's "beyond retrieval");
+- caption: image -> caption (what pseudo-queries are generated with).
+
+Identifier answers are the exact token sequences of the :class:`IdentifierIndex`, so training
+targets and the decoding trie can never disagree about how an identifier tokenizes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import ProcessorMixin
+
+from grace.configuration_grace import Prompts
+from grace.identifier_index import IdentifierIndex
+from grace.modeling_backbone import tokenizer_of
+from grace.records import ImageRecord
+
+TASKS = ("memorize", "retrieve", "describe", "caption")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    input_ids: tuple[int, ...]  # prompt, then answer and EOS
+    n_prompt: int  # the first n_prompt tokens get no loss
+    image: int | None = None  # index into the ImageInputs of the set
+
+
+def user_turn(processor: ProcessorMixin, text: str, with_image: bool) -> str:
+    """The prompt string of one user turn through the backbone's own chat template."""
+    content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": text})
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+
+
+class ImageInputs:
+    """Each image's processor tensors (pixel values and friends), computed once per run.
+
+    Prompt token ids depend on the image only through its size, so they are cached per
+    (prompt, size): 1000 memorize prompts cost one tokenizer call, not a thousand.
+    """
+
+    def __init__(self, processor: ProcessorMixin, records: Sequence[ImageRecord], root: Path):
+        self.processor = processor
+        self.records = list(records)
+        self.root = Path(root)
+        self.tensors: list[dict[str, torch.Tensor]] = []
+        self._prompt_ids: dict[tuple[str, int, int], tuple[int, ...]] = {}
+        probe = user_turn(processor, "", with_image=True)
+        for r in self.records:
+            enc = processor(text=[probe], images=[[self.load(r)]], return_tensors="pt")
+            self.tensors.append(
+                {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+            )
+
+    def load(self, record: ImageRecord) -> Image.Image:
+        with Image.open(self.root / record.path) as im:
+            return im.convert("RGB")
+
+    def prompt_ids(self, prompt: str, i: int) -> tuple[int, ...]:
+        r = self.records[i]
+        key = (prompt, r.width, r.height)
+        if key not in self._prompt_ids:
+            enc = self.processor(text=[prompt], images=[[self.load(r)]], return_tensors="pt")
+            self._prompt_ids[key] = tuple(enc["input_ids"][0].tolist())
+        return self._prompt_ids[key]
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Image tensors of several images, concatenated along the first (image) axis."""
+        keys = self.tensors[indices[0]].keys()
+        return {k: torch.cat([self.tensors[i][k] for i in indices]) for k in keys}
+
+
+def text_prompt_ids(processor: ProcessorMixin, prompt: str) -> tuple[int, ...]:
+    return tuple(processor(text=[prompt], return_tensors="pt")["input_ids"][0].tolist())
+
+
+def answer_ids(processor: ProcessorMixin, text: str) -> tuple[int, ...]:
+    tok = tokenizer_of(processor)
+    return (*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id)
+
+
+def build_examples(
+    records: Sequence[ImageRecord],
+    index: IdentifierIndex,
+    processor: ProcessorMixin,
+    images: ImageInputs,
+    prompts: Prompts,
+    tasks: Sequence[str] = TASKS,
+    pseudo_queries: dict[str, list[str]] | None = None,
+) -> list[Example]:
+    """Every example of the requested tasks. Queries and descriptions use train-split captions
+    only (held-out captions are the evaluation's); ``pseudo_queries`` (key -> texts) add
+    retrieve examples for images that have none."""
+    eos = tokenizer_of(processor).eos_token_id
+    position = {r.key: i for i, r in enumerate(images.records)}
+    ids_of: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for ident, key, seq in zip(index.identifiers, index.keys, index.sequences, strict=True):
+        ids_of.setdefault(key, []).append((ident, seq))
+    out: list[Example] = []
+    text_cache: dict[str, tuple[int, ...]] = {}
+
+    def text_ids(prompt: str) -> tuple[int, ...]:
+        if prompt not in text_cache:
+            text_cache[prompt] = text_prompt_ids(processor, prompt)
+        return text_cache[prompt]
+
+    mem_prompt = user_turn(processor, prompts.memorize, with_image=True)
+    cap_prompt = user_turn(processor, prompts.caption, with_image=True)
+    for r in records:
+        live = ids_of.get(r.key)
+        if not live:
+            continue  # retired or not in this map
+        i = position[r.key]
+        canonical = live[0][1] + (eos,)
+        captions = list(r.captions) if r.split == "train" else []
+        if "memorize" in tasks:
+            p = images.prompt_ids(mem_prompt, i)
+            out += [Example("memorize", p + seq + (eos,), len(p), i) for _, seq in live]
+        if "retrieve" in tasks:
+            queries = captions + list((pseudo_queries or {}).get(r.key, []))
+            for q in queries:
+                p = text_ids(user_turn(processor, prompts.retrieve.format(query=q), False))
+                out.append(Example("retrieve", p + canonical, len(p)))
+        if "describe" in tasks:
+            p = text_ids(
+                user_turn(processor, prompts.describe.format(identifier=live[0][0]), False)
+            )
+            out += [Example("describe", p + answer_ids(processor, c), len(p)) for c in captions]
+        if "caption" in tasks and captions:
+            p = images.prompt_ids(cap_prompt, i)
+            out += [Example("caption", p + answer_ids(processor, c), len(p), i) for c in captions]
+    return out
+
+
+def plan_epoch(examples: Sequence[Example], batch_size: int, seed: int) -> list[list[int]]:
+    """Batches of one epoch: each batch holds one task and one modality (a text-only batch
+    carries no pixel values), and the batches of all tasks are shuffled together, so memorize
+    and retrieve steps interleave as in the paper. Deterministic for a seed."""
+    rng = random.Random(seed)
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for n, ex in enumerate(examples):
+        groups.setdefault((ex.task, ex.image is not None), []).append(n)
+    batches = []
+    for members in groups.values():
+        rng.shuffle(members)
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: Sequence[Example], images: ImageInputs, pad_token_id: int) -> dict[str, Any]:
+    """Right-padded input ids, attention mask, labels (-100 on prompt and padding), images."""
+    width = max(len(ex.input_ids) for ex in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[row, :n] = torch.tensor(ex.input_ids)
+        mask[row, :n] = 1
+        labels[row, ex.n_prompt : n] = ids[row, ex.n_prompt : n]
+    batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with_image = [ex.image for ex in examples if ex.image is not None]
+    if with_image:
+        if len(with_image) != len(examples):
+            raise ValueError("a batch mixes examples with and without images")
+        batch.update(images.batch(with_image))
+    return batch

@@ -1,0 +1,268 @@
+"""Learning to memorize and learning to retrieve, in one loop you can read top to bottom.
+
+A run writes ``out/init`` (the backbone with identifier tokens, before training),
+``out/checkpoints/step-N`` (weights, optimizer, loop position: a killed run resumes from the
+newest one and ends with the same weights as an uninterrupted run) and ``out/model`` (the
+trained :class:`GraceModel`). Every folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from grace.atomic_io import atomic_dir, write_json
+from grace.configuration_grace import TINY_BACKBONE, TrainConfig
+from grace.deepspeed_engine import make_engine
+from grace.errors import GraceError
+from grace.identifier_index import IdentifierIndex
+from grace.identifiers import IdentifierMap
+from grace.modeling_backbone import (
+    add_identifier_vocabulary,
+    build_tiny_backbone,
+    load_backbone,
+    tokenizer_of,
+)
+from grace.modeling_grace import GraceModel
+from grace.records import ImageRecord
+from grace.task_examples import ImageInputs, build_examples, collate, plan_epoch
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+STATE_FILE = "trainer_state.json"
+
+
+def train(
+    records: Sequence[ImageRecord],
+    root: str | os.PathLike,
+    id_map: IdentifierMap,
+    out: str | os.PathLike,
+    config: TrainConfig | None = None,
+    callback: MetricsCallback | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> GraceModel:
+    """Train GRACE on an image set and its identifiers; resume from ``out`` if a run is there.
+
+    ``stop_after_steps`` ends the run early after writing a checkpoint (what a kill looks like
+    to the next run, minus the lost work since the last checkpoint).
+    """
+    cfg = config or TrainConfig()
+    out, root = Path(out), Path(root)
+    live = [r for r in records if r.key in id_map.ids]
+    if not live:
+        raise GraceError("no image of the set has a live identifier in this map")
+    threads = _threads(cfg.num_threads)
+    with threads:
+        model, processor, state = _start_or_resume(live, id_map, out, cfg)
+        tok = tokenizer_of(processor)
+        index = IdentifierIndex.build(id_map, tok)
+        images = ImageInputs(processor, live, root)
+        tasks = ["memorize", "retrieve"]
+        tasks += ["describe"] if cfg.describe_task else []
+        tasks += ["caption"] if cfg.caption_task else []
+        pseudo: dict[str, list[str]] | None = state.get("pseudo_queries")
+        examples = build_examples(live, index, processor, images, cfg.prompts, tasks, pseudo)
+        needy = [r for r in live if not (r.split == "train" and r.captions)]
+        use_pseudo = cfg.pseudo_queries and cfg.caption_task and cfg.pseudo_query_epoch > 0
+        extra = len(needy) * cfg.pseudo_queries_per_image if use_pseudo and pseudo is None else 0
+        total = _total_steps(examples, cfg, extra)
+
+        engine = make_engine(
+            model,
+            _param_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            ds_config_path=cfg.deepspeed,
+            grad_clip=cfg.grad_clip,
+            bf16=cfg.bf16,
+            micro_batch_size=cfg.batch_size,
+        )
+        step, epoch, first_batch = state["step"], state["epoch"], state["batch"]
+        if step:
+            engine.load_checkpoint(out / "checkpoints" / f"step-{step:08d}" / "engine")
+        engine.model.train()
+        bar = tqdm(total=total, initial=step, desc="grace train", disable=not progress)
+        t0 = time.perf_counter()
+        seen = 0
+        stopped = False
+        while epoch < cfg.epochs and not stopped:
+            if use_pseudo and pseudo is None and epoch >= cfg.pseudo_query_epoch:
+                pseudo = _pseudo_queries(engine.model, processor, id_map, live, needy, images, cfg)
+                examples = build_examples(
+                    live, index, processor, images, cfg.prompts, tasks, pseudo
+                )
+                engine.model.train()
+            plan = plan_epoch(examples, cfg.batch_size, seed=cfg.seed * 100_003 + epoch)
+            for b in range(first_batch, len(plan)):
+                lr = _lr(step, total, cfg)
+                engine.set_lr(lr)
+                batch_examples = [examples[n] for n in plan[b]]
+                batch = collate(batch_examples, images, tok.pad_token_id)
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                with engine.autocast():
+                    loss = engine.model(**batch).loss
+                engine.backward(loss)
+                grad_norm = engine.step()
+                step += 1
+                seen += len(batch_examples)
+                elapsed = time.perf_counter() - t0
+                metrics = {
+                    "loss": float(loss.detach()),
+                    f"loss_{batch_examples[0].task}": float(loss.detach()),
+                    "lr": lr,
+                    "epoch": epoch + (b + 1) / len(plan),
+                    "samples_per_second": seen / max(elapsed, 1e-9),
+                }
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                if callback is not None:
+                    callback(step, metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+                position = (epoch, b + 1) if b + 1 < len(plan) else (epoch + 1, 0)
+                out_of_time = cfg.max_seconds is not None and elapsed >= cfg.max_seconds
+                stopped = out_of_time or (stop_after_steps is not None and step >= stop_after_steps)
+                if stopped or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    _save_checkpoint(engine, out, step, position, pseudo, cfg.keep_checkpoints)
+                if stopped:
+                    break
+            else:
+                epoch, first_batch = epoch + 1, 0
+        bar.close()
+        engine.model.eval()
+        trained = GraceModel(
+            engine.module,
+            processor,
+            id_map,
+            live,
+            cfg.prompts,
+            info={"train_config": cfg.to_dict(), "steps": step, "complete": not stopped},
+        )
+        if stopped and stop_after_steps is not None and step >= stop_after_steps:
+            return trained  # interrupted on purpose: the checkpoint is the artifact
+        weights = engine.state_dict_for_save()  # every rank takes part in gathering
+        if engine.is_main:
+            trained.save(out / "model", state_dict=weights)
+        return trained
+
+
+def _start_or_resume(
+    live: Sequence[ImageRecord], id_map: IdentifierMap, out: Path, cfg: TrainConfig
+) -> tuple[torch.nn.Module, object, dict]:
+    """The backbone (from ``out/init`` when resuming) and where the loop left off."""
+    state = {"step": 0, "epoch": 0, "batch": 0, "pseudo_queries": None}
+    init = out / "init"
+    latest = _latest_checkpoint(out)
+    if init.is_dir():
+        model, processor = load_backbone(init)
+        if latest is not None:
+            state = json.loads((latest / STATE_FILE).read_text())
+        return model, processor, state
+    if cfg.backbone == TINY_BACKBONE:
+        texts = [c for r in live for c in r.captions]
+        texts += [id_map.token_text(i) for i, _ in id_map.identifiers()]
+        texts += [p for p in vars(cfg.prompts).values()]
+        model, processor = build_tiny_backbone(texts, cfg.tiny, seed=cfg.seed)
+    else:
+        model, processor = load_backbone(cfg.backbone)
+    add_identifier_vocabulary(model, processor, id_map.new_tokens())
+    with atomic_dir(init) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return model, processor, state
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def _save_checkpoint(engine, out: Path, step: int, position, pseudo, keep: int) -> None:
+    target = out / "checkpoints" / f"step-{step:08d}"
+    with atomic_dir(target) as tmp:
+        engine.save_checkpoint(tmp / "engine")
+        write_json(
+            tmp / STATE_FILE,
+            {"step": step, "epoch": position[0], "batch": position[1], "pseudo_queries": pseudo},
+        )
+    for old in sorted((out / "checkpoints").glob("step-*"))[: -max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and embeddings (as in nanoGPT)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _lr(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 0 (without decay the tiny model plateaus)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def _total_steps(examples, cfg: TrainConfig, extra_retrieve: int) -> int:
+    """Optimizer steps of the whole run, known up front so the schedule ends annealed."""
+    sizes: dict[tuple[str, bool], int] = {}
+    for ex in examples:
+        key = (ex.task, ex.image is not None)
+        sizes[key] = sizes.get(key, 0) + 1
+
+    def per_epoch(s: dict[tuple[str, bool], int]) -> int:
+        return sum(math.ceil(n / cfg.batch_size) for n in s.values())
+
+    before = per_epoch(sizes)
+    sizes[("retrieve", False)] = sizes.get(("retrieve", False), 0) + extra_retrieve
+    after = per_epoch(sizes)
+    p = cfg.pseudo_query_epoch if extra_retrieve else cfg.epochs
+    return before * p + after * (cfg.epochs - p)
+
+
+def _pseudo_queries(
+    model, processor, id_map, live, needy, images: ImageInputs, cfg: TrainConfig
+) -> dict[str, list[str]]:
+    """Queries for images without train captions, from the model's own captions of them."""
+    if not needy:
+        return {}
+    model.eval()
+    gm = GraceModel(model, processor, id_map, live, cfg.prompts)
+    pics = [images.load(r) for r in needy]
+    out: dict[str, list[str]] = {}
+    for _ in range(cfg.pseudo_queries_per_image):
+        for r, text in zip(needy, gm.caption(pics), strict=True):
+            if text:
+                out.setdefault(r.key, []).append(text)
+    return out
+
+
+def _threads(n: int | None):
+    if not n:
+        return nullcontext()
+
+    class _Threads:
+        def __enter__(self):
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(n)
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.old)
+
+    return _Threads()
