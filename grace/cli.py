@@ -5,15 +5,15 @@ Errors in user input print one line naming the file/row and the rule broken, and
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from grace.cli_support import parse_params as _params
+from grace.cli_support import reports_errors
 from grace.errors import GraceError, InvalidInputError
 
 app = typer.Typer(help="GRACE: generative cross-modal retrieval.", no_args_is_help=True)
@@ -21,29 +21,6 @@ data_app = typer.Typer(help="Image sets: generate, import, describe.", no_args_i
 ids_app = typer.Typer(help="Identifiers: assign, extend, remove, show.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(ids_app, name="ids")
-
-MAX_LISTED_PROBLEMS = 20
-
-
-def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors about bad input into clear lines on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except InvalidInputError as e:
-            for p in e.problems[:MAX_LISTED_PROBLEMS]:
-                typer.echo(f"error: {p}", err=True)
-            if len(e.problems) > MAX_LISTED_PROBLEMS:
-                typer.echo(f"error: ... and {len(e.problems) - MAX_LISTED_PROBLEMS} more", err=True)
-            raise typer.Exit(2) from None
-        except (GraceError, FileNotFoundError, KeyError, ValueError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            typer.echo(f"error: {msg}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,25 +437,6 @@ def evaluate_cmd(
 
 
 # ---------------------------------------------------------------------------------------------
-# grace demo
-# ---------------------------------------------------------------------------------------------
-@app.command("demo")
-@reports_errors
-def demo(
-    data: Annotated[Path, typer.Option(help="Demo image set folder (generated if absent).")] = Path(
-        "data"
-    ),
-    work: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("work/demo"),
-    n: int = 1000,
-    embedder_seconds: float = 60.0,
-) -> None:
-    """The library-level demo: image set, identifiers of every kind, their tries."""
-    from grace.demo import run_demo
-
-    run_demo(data=data, work=work, n=n, embedder_seconds=embedder_seconds, echo=typer.echo)
-
-
-# ---------------------------------------------------------------------------------------------
 def _load(path: Path):
     from grace.imageset import load_records
 
@@ -487,23 +445,18 @@ def _load(path: Path):
     return records, root
 
 
-def _params(items: list[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise GraceError(f"--param {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def _embedder(spec: str, records, root: Path, seconds: float):
     from grace.embedding import make_embedder
 
     return make_embedder(spec, records, root, max_seconds=seconds)
+
+
+# The workflow commands live in their own module; registered last, since they use the above.
+from grace import cli_workflow  # noqa: E402
+
+app.add_typer(cli_workflow.pipeline_app, name="pipeline")
+app.command("search")(cli_workflow.search)
+app.command("demo")(cli_workflow.demo)
 
 
 def main() -> None:  # pragma: no cover - console entry point

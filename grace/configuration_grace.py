@@ -56,7 +56,9 @@ class TrainConfig:
     backbone: str = TINY_BACKBONE  # "tiny", a local path or a hub id (AutoModelForImageTextToText)
     tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)
     prompts: Prompts = field(default_factory=Prompts)
-    # tasks: memorize (image -> id) and retrieve (query -> id) are always on
+    # tasks: memorize (image -> id) is always on. A memorize-only run (retrieve_task False) is
+    # the paper's first step; a run from its checkpoint with both on is the second.
+    retrieve_task: bool = True  # query -> id
     describe_task: bool = True  # id -> caption: the "beyond retrieval" ability
     caption_task: bool = True  # image -> caption: what pseudo-queries are generated with
     pseudo_queries: bool = True  # images without train captions get generated queries

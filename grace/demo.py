@@ -1,4 +1,4 @@
-"""The library-level demo: the demo image set, identifiers of every kind, and their tries."""
+"""``grace demo --ids-only``: the demo set, identifiers of every kind, and their tries."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from grace.identifier_index import identifier_stats
 from grace.identifiers import SCHEME_NAMES, assign_identifiers
 
 
-def run_demo(
+def run_ids_demo(
     data: Path = Path("data"),
     work: Path = Path("work/demo"),
     n: int = 1000,

@@ -185,3 +185,43 @@ def write_report(
     write_json(out / "metrics.json", result.metrics)
     write_text(out / "report.html", page)
     return out / "metrics.json", out / "report.html"
+
+
+def example_grid(
+    result: EvalResult,
+    records: Sequence[ImageRecord],
+    root: str | os.PathLike,
+    rows: int = 3,
+    top: int = 5,
+    cell: int = 72,
+) -> Image.Image:
+    """A picture of the first ``rows`` queries: text, the gold image, GRACE's top-``top``
+    (green frame: the gold image; red: another), for a glance in the MLflow UI."""
+    from PIL import ImageDraw
+
+    root = Path(root)
+    path_of = {r.key: r.path for r in records}
+    n = min(rows, len(result.queries))
+    text_w, pad = 260, 6
+    grid = Image.new("RGB", (text_w + (top + 1) * (cell + pad) + pad, max(n, 1) * (cell + pad)))
+    grid.paste((255, 255, 255), (0, 0, *grid.size))
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        y = i * (cell + pad) + pad // 2
+        words, line, lines = result.queries[i].split(), "", []
+        for w in words:
+            if len(line) + len(w) > 38:
+                lines.append(line)
+                line = ""
+            line = f"{line} {w}".strip()
+        lines.append(line)
+        draw.multiline_text((4, y + 4), "\n".join(lines[:4]), fill=(0, 0, 0))
+        keys = [result.gold[i], *result.grace_ranked[i][:top]]
+        for j, key in enumerate(keys):
+            x = text_w + j * (cell + pad)
+            with Image.open(root / path_of[key]) as im:
+                grid.paste(im.convert("RGB").resize((cell, cell)), (x, y))
+            if j:
+                colour = (0, 170, 0) if key == result.gold[i] else (200, 0, 0)
+                draw.rectangle((x - 2, y - 2, x + cell + 1, y + cell + 1), outline=colour, width=2)
+    return grid

@@ -66,13 +66,18 @@ def train(
         tok = tokenizer_of(processor)
         index = IdentifierIndex.build(id_map, tok)
         images = ImageInputs(processor, live, root)
-        tasks = ["memorize", "retrieve"]
+        tasks = ["memorize"] + (["retrieve"] if cfg.retrieve_task else [])
         tasks += ["describe"] if cfg.describe_task else []
         tasks += ["caption"] if cfg.caption_task else []
         pseudo: dict[str, list[str]] | None = state.get("pseudo_queries")
         examples = build_examples(live, index, processor, images, cfg.prompts, tasks, pseudo)
         needy = [r for r in live if not (r.split == "train" and r.captions)]
-        use_pseudo = cfg.pseudo_queries and cfg.caption_task and cfg.pseudo_query_epoch > 0
+        use_pseudo = (
+            cfg.retrieve_task
+            and cfg.pseudo_queries
+            and cfg.caption_task
+            and cfg.pseudo_query_epoch > 0
+        )
         extra = len(needy) * cfg.pseudo_queries_per_image if use_pseudo and pseudo is None else 0
         total = _total_steps(examples, cfg, extra)
 

@@ -128,6 +128,20 @@ def pull(repo: str | os.PathLike, rev: str | None = None, remote: str | None = N
 
 
 # ---- committing a set --------------------------------------------------------------------
+def cache_workspace(repo: str | os.PathLike, data_dir: str = DEFAULT_DATA_DIR) -> bool:
+    """Put the work tree's ``data_dir`` into the DVC cache, committing nothing.
+
+    Returns whether ``<data_dir>.dvc`` still matches git's HEAD, i.e. whether revision HEAD
+    now reads (offline) exactly the set in the work tree.
+    """
+    repo = Path(repo).resolve()
+    dvc_file = f"{data_dir}.dvc"
+    with _dvc_repo(repo, f"dvc add {data_dir}") as r:
+        r.add(os.fspath(repo / data_dir))
+    done = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", dvc_file], cwd=repo, check=False)
+    return done.returncode == 0
+
+
 def commit_data(
     repo: str | os.PathLike, data_dir: str = DEFAULT_DATA_DIR, message: str | None = None
 ) -> str:

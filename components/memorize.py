@@ -1,0 +1,27 @@
+"""memorize: learning to memorize (image -> identifier), from the backbone."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components import GRACE_IMAGE
+
+
+@dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
+def memorize(
+    dataset: Input[Dataset],
+    identifiers: Input[Artifact],
+    backbone: str,
+    settings: dict,
+    tracking_uri: str,
+    experiment: str,
+    pipeline_key: str,
+    model: Output[Model],
+):
+    """``settings``: TrainConfig fields (epochs, max_seconds, lr, deepspeed, ...)."""
+    from grace.pipeline_steps import context, memorize
+
+    summary = memorize(
+        dataset.path, identifiers.path, model.path, backbone=backbone, settings=settings,
+        ctx=context(tracking_uri, experiment, pipeline_key),
+    )  # fmt: skip
+    model.metadata.update(stage="memorize", **summary)

@@ -1,0 +1,27 @@
+"""retrieve: learning to retrieve (query -> identifier), continuing from the memorized model."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components import GRACE_IMAGE
+
+
+@dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
+def retrieve(
+    dataset: Input[Dataset],
+    identifiers: Input[Artifact],
+    memorized: Input[Model],
+    settings: dict,
+    tracking_uri: str,
+    experiment: str,
+    pipeline_key: str,
+    model: Output[Model],
+):
+    """``settings``: TrainConfig fields (epochs, max_seconds, lr, deepspeed, ...)."""
+    from grace.pipeline_steps import context, retrieve
+
+    summary = retrieve(
+        dataset.path, identifiers.path, memorized.path, model.path, settings=settings,
+        ctx=context(tracking_uri, experiment, pipeline_key),
+    )  # fmt: skip
+    model.metadata.update(stage="retrieve", **summary)

@@ -1,0 +1,173 @@
+"""Running the pipelines: locally through ``kfp.local``, compiled to YAML, or on a KFP cluster.
+
+What ``grace pipeline run|compile|submit|schedule`` calls. This package is the only place that
+imports kfp; the ``grace`` library never does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from grace.errors import GraceError
+
+COMPILED = Path(__file__).parent / "compiled"
+
+
+def pipelines() -> dict[str, Any]:
+    """Pipeline name -> pipeline function."""
+    from pipelines.training_pipeline import training_pipeline
+
+    return {"training": training_pipeline}
+
+
+def _pipeline(name: str):
+    found = pipelines()
+    if name not in found:
+        raise GraceError(f"unknown pipeline {name!r}; known: {', '.join(sorted(found))}")
+    return found[name]
+
+
+_TYPES = {
+    "String": str,
+    "Integer": int,
+    "Float": float,
+    "Boolean": bool,
+    "Dict": dict,
+    "List": list,
+}
+
+
+def pipeline_arguments(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` checked against the pipeline's parameters and cast to their types
+    (``dense_seconds=45`` from a command line is an int; the parameter is a float)."""
+    inputs = _pipeline(name).component_spec.inputs or {}
+    out: dict[str, Any] = {}
+    for key, value in arguments.items():
+        if key not in inputs:
+            known = ", ".join(sorted(inputs))
+            raise GraceError(f"pipeline {name} has no parameter {key!r}; it has: {known}")
+        want = _TYPES.get(inputs[key].type, object)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif want is str and not isinstance(value, str):
+            value = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        if not isinstance(value, want):
+            raise GraceError(f"pipeline parameter {key}={value!r}: expected {inputs[key].type}")
+        out[key] = value
+    missing = [
+        k for k, v in inputs.items() if v.default is None and not v.optional and k not in out
+    ]
+    if missing:
+        raise GraceError(f"pipeline {name} needs parameter(s) {', '.join(missing)}")
+    return out
+
+
+def compile_pipeline(name: str = "training", out: str | os.PathLike | None = None) -> Path:
+    """Write the pipeline's IR YAML (``pipelines/compiled/<name>_pipeline.yaml`` by default)."""
+    from kfp import compiler
+
+    path = Path(out) if out else COMPILED / f"{name}_pipeline.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=path.parent, delete=False) as tmp:
+        pass
+    try:
+        compiler.Compiler().compile(_pipeline(name), package_path=tmp.name)
+        os.replace(tmp.name, path)
+    finally:
+        Path(tmp.name).unlink(missing_ok=True)
+    return path
+
+
+def run_local(
+    arguments: dict[str, Any], work: str | os.PathLike, name: str = "training"
+) -> dict[str, Any]:
+    """Run a pipeline on this machine with kfp.local's subprocess runner (no Docker needed).
+
+    Every task runs in this Python environment; artifacts go under ``work/pipeline_root``.
+    A failing task raises, naming it; the MLflow parent run is marked FAILED by that step.
+    """
+    from kfp import local
+
+    from grace.tracking import Tracking, experiment_id
+
+    work = Path(work).resolve()
+    root = work / "pipeline_root"
+    root.mkdir(parents=True, exist_ok=True)
+    uri = arguments.get("tracking_uri", "")
+    if uri.startswith("sqlite:"):  # a database store needs its artifact location set up front
+        tracking = Tracking(
+            uri, arguments.get("experiment", "grace"), (work / "mlartifacts").as_uri()
+        )
+        experiment_id(tracking)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    try:
+        task = _pipeline(name)(**pipeline_arguments(name, arguments))
+    except RuntimeError as e:
+        raise GraceError(f"pipeline {name} failed: {e}") from e
+    return {"output": task.output, "pipeline_root": str(root)}
+
+
+def submit(
+    host: str,
+    arguments: dict[str, Any],
+    *,
+    name: str = "training",
+    experiment: str = "grace",
+    run_name: str | None = None,
+    namespace: str | None = None,
+    client_factory: Callable[..., Any] | None = None,
+) -> str:
+    """Start one run on a KFP cluster (caching off: training must really train); its run id."""
+    client = _client(host, namespace, client_factory)
+    result = client.create_run_from_pipeline_func(
+        _pipeline(name),
+        arguments=pipeline_arguments(name, arguments),
+        run_name=run_name,
+        experiment_name=experiment,
+        namespace=namespace,
+        enable_caching=False,
+    )
+    return result.run_id
+
+
+def schedule(
+    host: str,
+    cron: str,
+    arguments: dict[str, Any],
+    *,
+    name: str = "training",
+    experiment: str = "grace",
+    job_name: str | None = None,
+    namespace: str | None = None,
+    client_factory: Callable[..., Any] | None = None,
+) -> str:
+    """A recurring run on a KFP cluster. ``cron`` has six fields, seconds first (KFP's format):
+    ``0 0 2 * * *`` is 02:00 daily. One run at a time, no catch-up of missed slots."""
+    if len(cron.split()) != 6:
+        raise GraceError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 2 * * *'")
+    client = _client(host, namespace, client_factory)
+    exp = client.create_experiment(experiment, namespace=namespace)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(name, Path(tmp) / f"{name}.yaml")
+        job = client.create_recurring_run(
+            experiment_id=exp.experiment_id,
+            job_name=job_name or f"grace-{name}",
+            cron_expression=cron,
+            max_concurrency=1,
+            no_catchup=True,
+            params=pipeline_arguments(name, arguments),
+            pipeline_package_path=str(package),
+            enable_caching=False,
+        )
+    return job.recurring_run_id
+
+
+def _client(host: str, namespace: str | None, factory: Callable[..., Any] | None):
+    if factory is None:
+        from kfp import Client as factory  # noqa: N813
+    return factory(host=host, namespace=namespace)

@@ -1,0 +1,98 @@
+"""training_pipeline: validate -> assign ids -> memorize -> retrieve -> evaluate -> register.
+
+Only wiring: every step is a component around one ``grace.pipeline_steps`` call. The data is named
+by a git+DVC repository and a revision, so KFP caching and MLflow lineage key on it. Training steps
+get the cluster resources given here (``kfp.local`` ignores them).
+"""
+
+from kfp import dsl
+
+from components.assign_identifiers import assign_identifiers
+from components.evaluate import evaluate
+from components.memorize import memorize
+from components.register import register
+from components.retrieve import retrieve
+from components.validate_data import validate_data
+
+
+@dsl.pipeline(name="grace-training", description="GRACE: memorize and retrieve an image set.")
+def training_pipeline(
+    data_repo: str,
+    data_rev: str = "HEAD",
+    data_dir: str = "data",
+    min_images: int = 1,
+    id_scheme: str = "numeric",
+    scheme_params: dict = {},
+    embedder_seconds: float = 60.0,
+    backbone: str = "tiny",
+    memorize_settings: dict = {"epochs": 40, "max_seconds": 180},
+    retrieve_settings: dict = {"epochs": 40, "max_seconds": 180},
+    eval_gallery: str = "all",
+    eval_beams: int = 10,
+    dense_seconds: float = 60.0,
+    max_queries: int = 0,
+    model_name: str = "grace",
+    gate_metric: str = "grace_R@10",
+    gate_tolerance: float = 0.01,
+    min_memorization: float = 0.9,
+    tracking_uri: str = "",
+    experiment: str = "grace",
+    train_accelerator_type: str = "nvidia.com/gpu",
+    train_accelerator_limit: int = 0,
+    train_cpu_limit: str = "4",
+    train_memory_limit: str = "16G",
+) -> bool:
+    """Returns whether the new model became ``champion``."""
+    key = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    track = dict(tracking_uri=tracking_uri, experiment=experiment, pipeline_key=key)
+    data = validate_data(
+        source=data_repo, rev=data_rev, data_dir=data_dir, min_images=min_images, **track
+    )
+    ids = assign_identifiers(
+        dataset=data.outputs["dataset"],
+        scheme=id_scheme,
+        scheme_params=scheme_params,
+        embedder_seconds=embedder_seconds,
+        **track,
+    )
+    mem = memorize(
+        dataset=data.outputs["dataset"],
+        identifiers=ids.outputs["identifiers"],
+        backbone=backbone,
+        settings=memorize_settings,
+        **track,
+    )
+    ret = retrieve(
+        dataset=data.outputs["dataset"],
+        identifiers=ids.outputs["identifiers"],
+        memorized=mem.outputs["model"],
+        settings=retrieve_settings,
+        **track,
+    )
+    for task in (mem, ret):
+        task.set_caching_options(False)
+        task.set_accelerator_type(train_accelerator_type)
+        task.set_accelerator_limit(train_accelerator_limit)
+        task.set_cpu_limit(train_cpu_limit)
+        task.set_memory_limit(train_memory_limit)
+    ev = evaluate(
+        dataset=data.outputs["dataset"],
+        model=ret.outputs["model"],
+        gallery=eval_gallery,
+        num_beams=eval_beams,
+        dense_seconds=dense_seconds,
+        max_queries=max_queries,
+        **track,
+    )
+    reg = register(
+        model=ret.outputs["model"],
+        metrics_json=ev.outputs["metrics_json"],
+        dataset=data.outputs["dataset"],
+        model_name=model_name,
+        gate_metric=gate_metric,
+        gate_tolerance=gate_tolerance,
+        min_memorization=min_memorization,
+        **track,
+    )
+    reg.set_caching_options(False)
+    return reg.outputs["Output"]
