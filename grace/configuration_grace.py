@@ -7,7 +7,7 @@ Defaults are for the tiny offline backbone on 2 CPU cores; the paper's GPU setti
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, get_type_hints
 
 TINY_BACKBONE = "tiny"
 
@@ -82,7 +82,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.tiny, dict):
-            self.tiny = TinyBackboneConfig(**self.tiny)
+            self.tiny = TinyBackboneConfig(**_typed(TinyBackboneConfig, self.tiny))
         if isinstance(self.prompts, dict):
             self.prompts = Prompts(**self.prompts)
         if self.epochs < 1 or self.batch_size < 1:
@@ -101,4 +101,16 @@ class TrainConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}")
-        return cls(**d)
+        return cls(**_typed(cls, d))
+
+
+def _typed(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """Whole floats given for int fields become ints: settings that crossed JSON/protobuf
+    (a KFP dict parameter is a protobuf Struct, whose numbers are all doubles) lose the type."""
+    hints = get_type_hints(cls)
+    out = dict(d)
+    for k, v in d.items():
+        ints = hints.get(k) in (int, int | None)
+        if ints and isinstance(v, float) and v.is_integer():
+            out[k] = int(v)
+    return out

@@ -66,8 +66,8 @@ def validate_data(
         report = validate_image_set(out_dir, min_images=min_images)
         write_text(report_html, report.to_html())
         write_json(report_json, report.to_dict())
-        run.log_artifact(report_html, "validation")
-        run.log_artifact(report_json, "validation")
+        run.log_artifact(report_html, "validation/report.html")
+        run.log_artifact(report_json, "validation/result.json")
         run.log_metrics({k: v for k, v in report.summary().items() if k != "success"})
         run.set_tags({"data.revision": revision["revision"]}, on_parent=True)
         run.log_params({"data_revision": revision["revision"]}, on_parent=True)
@@ -159,7 +159,7 @@ def assign_identifiers(
         id_map.save(out_ids)
         stats = identifier_stats(id_map, records)
         run.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)})
-        run.log_artifact(out_ids, "identifiers")
+        run.log_artifact(out_ids, "identifiers/identifiers.json")
     return stats
 
 
@@ -216,6 +216,7 @@ def _train_step(
             if out_model.exists():
                 shutil.rmtree(out_model)
             os.replace(Path(scratch) / "model", out_model)
+        logger.flush()
         last = logger.history[-1][1] if logger.history else {}
         summary = {
             "steps": gm.info["steps"],
@@ -271,8 +272,8 @@ def evaluate(
             write_json(out_metrics, result.metrics)
             write_text(out_report, report_path.read_text())
         run.log_metrics(result.metrics, on_parent=True)
-        run.log_artifact(out_report, "evaluation")
-        run.log_artifact(out_metrics, "evaluation")
+        run.log_artifact(out_report, "evaluation/report.html")
+        run.log_artifact(out_metrics, "evaluation/metrics.json")
         run.log_png(example_grid(result, records, dataset_dir), "retrieval_examples.png", True)
     return result.metrics
 
@@ -312,7 +313,7 @@ def register(
         reg = register_model(model_dir, metrics, name=model_name, gate=gate, tags=tags)
         decision = reg.to_dict()
         write_json(out_decision, decision)
-        run.log_artifact(out_decision, "registry")
+        run.log_artifact(out_decision, "registry/decision.json")
         run.set_tags(
             {"model.version": reg.version, "gate": reg.decision.summary()[:5000]}, on_parent=True
         )

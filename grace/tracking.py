@@ -171,9 +171,19 @@ class StepRun:
         if on_parent:
             mlflow.log_metrics(clean, step=step, run_id=self.parent_id)
 
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        if self.active:
-            self._client().log_artifact(self.run_id, os.fspath(path), artifact_path)
+    def log_artifact(self, path: str | os.PathLike, dest: str) -> None:
+        """Log file ``path`` as artifact ``dest`` (``folder/name.ext``): KFP's artifact files
+        have no extension, and the MLflow UI picks its viewer by the name."""
+        if not self.active:
+            return
+        import shutil
+        import tempfile
+
+        folder, _, name = dest.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            named = Path(tmp) / name
+            shutil.copyfile(path, named)
+            self._client().log_artifact(self.run_id, os.fspath(named), folder or None)
 
     def log_png(self, image: Any, artifact_file: str, on_parent: bool = False) -> None:
         """Log a PIL image or a matplotlib figure as a PNG artifact."""
@@ -216,8 +226,13 @@ class MetricsLogger:
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.history.append((step, dict(metrics)))
-        if step % self.every == 0:
+        if step == 1 or step % self.every == 0:
             self.run.log_metrics(metrics, step=step)
+
+    def flush(self) -> None:
+        """Log the last step too, so a curve ends where training ended."""
+        if self.history and self.history[-1][0] % self.every:
+            self.run.log_metrics(self.history[-1][1], step=self.history[-1][0])
 
     def loss_figure(self, title: str):
         """A matplotlib figure of loss per task against step."""
