@@ -70,11 +70,15 @@ def train(
         tasks += ["describe"] if cfg.describe_task else []
         tasks += ["caption"] if cfg.caption_task else []
         pseudo: dict[str, list[str]] | None = state.get("pseudo_queries")
-        examples = build_examples(live, index, processor, images, cfg.prompts, tasks, pseudo)
+        examples = build_examples(live, index, processor, images, cfg.prompts, tasks)
         needy = [r for r in live if not (r.split == "train" and r.captions)]
         use_pseudo = cfg.pseudo_queries and cfg.caption_task and cfg.pseudo_query_epoch > 0
-        extra = len(needy) * cfg.pseudo_queries_per_image if use_pseudo and pseudo is None else 0
+        # planned from the examples without pseudo-queries, so a run resumed after they were
+        # generated follows the same lr schedule as one that never stopped
+        extra = len(needy) * cfg.pseudo_queries_per_image if use_pseudo else 0
         total = _total_steps(examples, cfg, extra)
+        if pseudo is not None:
+            examples = build_examples(live, index, processor, images, cfg.prompts, tasks, pseudo)
 
         engine = make_engine(
             model,
