@@ -53,7 +53,8 @@ def train(
     """Train GRACE on an image set and its identifiers; resume from ``out`` if a run is there.
 
     ``stop_after_steps`` ends the run early after writing a checkpoint (what a kill looks like
-    to the next run, minus the lost work since the last checkpoint).
+    to the next run, minus the lost work since the last checkpoint). ``progress`` shows a bar
+    only when stderr is a terminal.
     """
     cfg = config or TrainConfig()
     out, root = Path(out), Path(root)
@@ -93,7 +94,9 @@ def train(
         if step:
             engine.load_checkpoint(out / "checkpoints" / f"step-{step:08d}" / "engine")
         engine.model.train()
-        bar = tqdm(total=total, initial=step, desc="grace train", disable=not progress)
+        # disable=None: no bar when stderr is not a terminal (a log would get every update)
+        quiet = None if progress else True
+        bar = tqdm(total=total, initial=step, desc="grace train", disable=quiet)
         t0 = time.perf_counter()
         seen = 0
         stopped = False
