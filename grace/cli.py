@@ -343,8 +343,12 @@ def train_cmd(
     ids: Annotated[Path, typer.Option(help="Identifier map (JSON) from `grace ids assign`.")],
     out: Annotated[Path, typer.Option(help="Run folder (resumed when it holds a checkpoint).")],
     backbone: Annotated[
-        str, typer.Option(help="'tiny' (offline default), a local model folder or a hub id.")
-    ] = "tiny",
+        str | None,
+        typer.Option(
+            help="'tiny' (offline default), a local model folder or a hub id "
+            "(default: the config's, else tiny)."
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over all examples.")] = None,
     max_minutes: Annotated[
         float | None, typer.Option(help="Stop (and save) after this many minutes.")
@@ -366,7 +370,8 @@ def train_cmd(
 
     fields = json.loads(config.read_text()) if config is not None else {}
     fields.update(_params(set_))
-    fields["backbone"] = backbone
+    if backbone is not None:
+        fields["backbone"] = backbone
     if epochs is not None:
         fields["epochs"] = epochs
     if max_minutes is not None:
