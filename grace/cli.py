@@ -369,7 +369,7 @@ def train_cmd(
     from grace.training_grace import train
 
     fields = json.loads(config.read_text()) if config is not None else {}
-    fields.update(_params(set_))
+    fields.update(_params(set_, "--set"))
     if backbone is not None:
         fields["backbone"] = backbone
     if epochs is not None:
@@ -492,11 +492,11 @@ def _load(path: Path):
     return records, root
 
 
-def _params(items: list[str] | None) -> dict[str, Any]:
+def _params(items: list[str] | None, flag: str = "--param") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise GraceError(f"--param {item!r}: expected KEY=VALUE")
+            raise GraceError(f"{flag} {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)
