@@ -444,9 +444,10 @@ def evaluate_cmd(
     max_queries: int | None = None,
 ) -> None:
     """Recall@1/5/10 on held-out queries, memorization accuracy, latency; dense baseline."""
-    from grace.evaluation import evaluate, write_report
+    from grace.evaluation import check_gallery, evaluate, write_report
     from grace.modeling_grace import GraceModel
 
+    check_gallery(gallery)
     gm = GraceModel.load(model)
     records, root = _load(data)
     baseline = _embedder(dense, records, root, dense_seconds) if dense else None
