@@ -202,6 +202,35 @@ def test_checkpoint_killed_while_written_is_never_resumed_from(
     assert_same_weights(out, want)
 
 
+class RankEngine:
+    """Records what one rank of a multi-GPU run does while a checkpoint is written."""
+
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+        self.calls: list[str] = []
+
+    def barrier(self) -> None:
+        self.calls.append("barrier")
+
+    def save_checkpoint(self, ckpt_dir, client_state=None) -> None:
+        self.calls.append(f"save {Path(ckpt_dir).parent.name}")
+        Path(ckpt_dir).mkdir(parents=True)  # (each rank writes its own shard file in there)
+
+
+def test_every_rank_writes_its_shards_into_the_same_checkpoint_folder(tmp_path):
+    """A per-rank temporary folder would keep only one rank's optimizer shards: the run could
+    not resume. All ranks save into one hidden folder that only rank 0 renames into place."""
+    main, other = RankEngine(is_main=True), RankEngine(is_main=False)
+    training_grace._save_checkpoint(main, tmp_path, 7, (0, 7), None, keep=2)
+    assert main.calls == ["barrier", "save .step-00000007.partial", "barrier", "barrier"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000007"]
+    assert (tmp_path / "checkpoints" / "step-00000007" / training_grace.STATE_FILE).is_file()
+    (tmp_path / "checkpoints" / ".step-00000008.partial").mkdir()  # as rank 0 makes it
+    training_grace._save_checkpoint(other, tmp_path, 8, (0, 8), None, keep=2)
+    assert other.calls == main.calls[:1] + ["save .step-00000008.partial", "barrier", "barrier"]
+    assert training_grace._latest_checkpoint(tmp_path).name == "step-00000007"  # rank 0's job
+
+
 # ---- DeepSpeed ZeRO-2 through the real loop ---------------------------------------------------
 @pytest.mark.slow
 def test_zero2_trains_through_the_loop_like_plain_adamw(dist_env, small_backbone, tmp_path):
