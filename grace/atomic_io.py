@@ -57,11 +57,20 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, target)
+
+
+def replace_dir(src: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished folder ``src`` to ``target`` (same file system), replacing it.
+
+    An existing ``target`` is moved aside first and deleted only once ``src`` is in place.
+    """
+    target = Path(target)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
-    os.replace(tmp, target)
+    os.replace(src, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -320,8 +320,12 @@ def train_cmd(
     ids: Annotated[Path, typer.Option(help="Identifier map (JSON) from `grace ids assign`.")],
     out: Annotated[Path, typer.Option(help="Run folder (resumed when it holds a checkpoint).")],
     backbone: Annotated[
-        str, typer.Option(help="'tiny' (offline default), a local model folder or a hub id.")
-    ] = "tiny",
+        str | None,
+        typer.Option(
+            help="'tiny' (offline default), a local model folder or a hub id "
+            "(default: the config's, else tiny)."
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over all examples.")] = None,
     max_minutes: Annotated[
         float | None, typer.Option(help="Stop (and save) after this many minutes.")
@@ -342,8 +346,9 @@ def train_cmd(
     from grace.training_grace import train
 
     fields = json.loads(config.read_text()) if config is not None else {}
-    fields.update(_params(set_))
-    fields["backbone"] = backbone
+    fields.update(_params(set_, "--set"))
+    if backbone is not None:
+        fields["backbone"] = backbone
     if epochs is not None:
         fields["epochs"] = epochs
     if max_minutes is not None:
@@ -416,9 +421,10 @@ def evaluate_cmd(
     max_queries: int | None = None,
 ) -> None:
     """Recall@1/5/10 on held-out queries, memorization accuracy, latency; dense baseline."""
-    from grace.evaluation import evaluate, write_report
+    from grace.evaluation import check_gallery, evaluate, write_report
     from grace.modeling_grace import GraceModel
 
+    check_gallery(gallery)
     gm = GraceModel.load(model)
     records, root = _load(data)
     baseline = _embedder(dense, records, root, dense_seconds) if dense else None

@@ -35,12 +35,12 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def parse_params(items: list[str] | None) -> dict[str, Any]:
+def parse_params(items: list[str] | None, flag: str = "--param") -> dict[str, Any]:
     """``KEY=VALUE`` options as a dict; values are JSON where they parse (numbers, lists...)."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise GraceError(f"--param {item!r}: expected KEY=VALUE")
+            raise GraceError(f"{flag} {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)

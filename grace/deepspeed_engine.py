@@ -98,6 +98,9 @@ class TrainEngine:
         """Restore what :meth:`save_checkpoint` wrote; return its ``client_state``."""
         raise NotImplementedError
 
+    def barrier(self) -> None:
+        """Wait for every rank (e.g. around a checkpoint that all ranks write into one folder)."""
+
 
 def _adamw(
     params: ParamGroups, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
@@ -214,6 +217,11 @@ class DeepSpeedTrainEngine(TrainEngine):
             raise FileNotFoundError(f"no DeepSpeed checkpoint ('latest' tag) in {ckpt_dir}")
         # DeepSpeed's "client state" also carries its own bookkeeping keys: return only ours
         return (client_state or {}).get(_CLIENT_KEY, {})
+
+    def barrier(self) -> None:
+        import deepspeed.comm
+
+        deepspeed.comm.barrier()
 
 
 def make_engine(

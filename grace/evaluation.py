@@ -62,6 +62,12 @@ def held_out_queries(records: Sequence[ImageRecord]) -> tuple[list[str], list[st
     return [q for q, _ in pairs], [k for _, k in pairs]
 
 
+def check_gallery(gallery: str) -> None:
+    """Refuse an unknown gallery before any expensive work (a baseline trains for a minute)."""
+    if gallery not in GALLERIES:
+        raise GraceError(f"gallery must be one of {GALLERIES}, got {gallery!r}")
+
+
 def evaluate(
     gm: GraceModel,
     records: Sequence[ImageRecord],
@@ -75,8 +81,7 @@ def evaluate(
     max_queries: int | None = None,
 ) -> EvalResult:
     """Score ``gm`` (and the ``dense`` baseline when given) on the set's held-out queries."""
-    if gallery not in GALLERIES:
-        raise GraceError(f"gallery must be one of {GALLERIES}, got {gallery!r}")
+    check_gallery(gallery)
     root = Path(root)
     live = [r for r in records if r.key in gm.id_map.ids]
     if gallery == "test":

@@ -108,7 +108,9 @@ def train_dual_encoder(
         bs = min(cfg.batch_size, n)
         per_epoch = max(1, n // bs)  # drop the ragged tail: tiny last batches make noisy InfoNCE
         model.train()
-        bar = tqdm(total=cfg.steps, desc="dual encoder", disable=not progress, leave=False)
+        bar = tqdm(  # disable=None: no bar when stderr is not a terminal (logs, pipelines)
+            total=cfg.steps, desc="dual encoder", disable=None if progress else True, leave=False
+        )
         perm = torch.randperm(n, generator=gen)
         step = 0
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from grace.atomic_io import atomic_dir, write_json
+from grace.atomic_io import atomic_dir, replace_dir, write_json
 from grace.configuration_grace import TINY_BACKBONE, TrainConfig
 from grace.deepspeed_engine import make_engine
 from grace.errors import GraceError
@@ -53,7 +53,8 @@ def train(
     """Train GRACE on an image set and its identifiers; resume from ``out`` if a run is there.
 
     ``stop_after_steps`` ends the run early after writing a checkpoint (what a kill looks like
-    to the next run, minus the lost work since the last checkpoint).
+    to the next run, minus the lost work since the last checkpoint). ``progress`` shows a bar
+    only when stderr is a terminal.
     """
     cfg = config or TrainConfig()
     out, root = Path(out), Path(root)
@@ -70,7 +71,7 @@ def train(
         tasks += ["describe"] if cfg.describe_task else []
         tasks += ["caption"] if cfg.caption_task else []
         pseudo: dict[str, list[str]] | None = state.get("pseudo_queries")
-        examples = build_examples(live, index, processor, images, cfg.prompts, tasks, pseudo)
+        examples = build_examples(live, index, processor, images, cfg.prompts, tasks)
         needy = [r for r in live if not (r.split == "train" and r.captions)]
         use_pseudo = (
             cfg.retrieve_task
@@ -78,8 +79,12 @@ def train(
             and cfg.caption_task
             and cfg.pseudo_query_epoch > 0
         )
-        extra = len(needy) * cfg.pseudo_queries_per_image if use_pseudo and pseudo is None else 0
+        # planned from the examples without pseudo-queries, so a run resumed after they were
+        # generated follows the same lr schedule as one that never stopped
+        extra = len(needy) * cfg.pseudo_queries_per_image if use_pseudo else 0
         total = _total_steps(examples, cfg, extra)
+        if pseudo is not None:
+            examples = build_examples(live, index, processor, images, cfg.prompts, tasks, pseudo)
 
         engine = make_engine(
             model,
@@ -94,7 +99,9 @@ def train(
         if step:
             engine.load_checkpoint(out / "checkpoints" / f"step-{step:08d}" / "engine")
         engine.model.train()
-        bar = tqdm(total=total, initial=step, desc="grace train", disable=not progress)
+        # disable=None: no bar when stderr is not a terminal (a log would get every update)
+        quiet = None if progress else True
+        bar = tqdm(total=total, initial=step, desc="grace train", disable=quiet)
         t0 = time.perf_counter()
         seen = 0
         stopped = False
@@ -179,10 +186,16 @@ def _start_or_resume(
     else:
         model, processor = load_backbone(cfg.backbone)
     add_identifier_vocabulary(model, processor, id_map.new_tokens())
-    with atomic_dir(init) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+    if _is_main_process():  # every rank built the same model; concurrent renames would collide
+        with atomic_dir(init) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
     return model, processor, state
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a launcher's world (deepspeed, torchrun), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -192,15 +205,28 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def _save_checkpoint(engine, out: Path, step: int, position, pseudo, keep: int) -> None:
+    """All ranks write their shards into one hidden folder; the main rank adds the loop position
+    and renames it into place, so a reader finds a whole checkpoint or none."""
     target = out / "checkpoints" / f"step-{step:08d}"
-    with atomic_dir(target) as tmp:
-        engine.save_checkpoint(tmp / "engine")
-        write_json(
-            tmp / STATE_FILE,
-            {"step": step, "epoch": position[0], "batch": position[1], "pseudo_queries": pseudo},
-        )
-    for old in sorted((out / "checkpoints").glob("step-*"))[: -max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
+    partial = target.with_name(f".{target.name}.partial")  # the same name on every rank
+    if engine.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    try:
+        engine.barrier()
+        engine.save_checkpoint(partial / "engine")  # collective
+        engine.barrier()
+        if engine.is_main:
+            where = {"step": step, "epoch": position[0], "batch": position[1]}
+            write_json(partial / STATE_FILE, {**where, "pseudo_queries": pseudo})
+            replace_dir(partial, target)
+            for old in sorted((out / "checkpoints").glob("step-*"))[: -max(keep, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if engine.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    engine.barrier()
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

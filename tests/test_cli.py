@@ -37,6 +37,10 @@ def test_every_command_has_help():
         ["ids", "extend"],
         ["ids", "remove"],
         ["ids", "show"],
+        ["train"],
+        ["retrieve"],
+        ["describe"],
+        ["evaluate"],
         ["demo"],
     ]:
         r = grace(*cmd, "--help")
@@ -106,3 +110,121 @@ def test_bad_input_is_one_clear_line_and_exit_2(tiny_set, tmp_path):
     assert not (tmp_path / "i").exists()
     r = grace("ids", "show", tmp_path / "missing.json")
     assert r.exit_code == 2 and "missing.json" in r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# grace train | retrieve | describe | evaluate
+# ---------------------------------------------------------------------------------------------
+SMALL_RUN = {
+    "tiny": {"vision_hidden": 64, "vision_layers": 1, "text_hidden": 128, "text_layers": 2},
+    "batch_size": 16,
+    "lr": 3e-3,
+    "warmup_steps": 5,
+    "caption_task": False,
+    "checkpoint_every": 0,
+    "num_threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, one_thread):
+    """``grace train`` on 10 images (3 held out), as a user runs it."""
+    work = tmp_path_factory.mktemp("cli_run")
+    data, ids, run = work / "data", work / "ids.json", work / "run"
+    r = grace("data", "synth", "--n", "10", "--out", data, "--seed", "5", "--test-fraction", "0.3")
+    assert r.exit_code == 0, r.output
+    r = grace("ids", "assign", "--data", data, "--scheme", "numeric", "--out", ids)
+    assert r.exit_code == 0, r.output
+    (work / "train.json").write_text(json.dumps(SMALL_RUN))
+    r = grace(
+        "train", "--data", data, "--ids", ids, "--out", run, "--config", work / "train.json",
+        "--epochs", "25", "--set", "describe_task=true",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert f"-> {run / 'model'}" in r.output and "grace train" not in r.output  # no bar in logs
+    return work, data, IdentifierMap.load(ids), run / "model"
+
+
+@pytest.mark.slow
+def test_train_writes_a_model_with_the_settings_given(cli_run):
+    _, _, _, model = cli_run
+    info = json.loads((model / "grace.json").read_text())
+    cfg = info["train_config"]
+    assert info["complete"] and cfg["epochs"] == 25 and cfg["describe_task"] is True
+    assert cfg["tiny"]["text_hidden"] == 128 and cfg["backbone"] == "tiny"
+
+
+@pytest.mark.slow
+def test_retrieve_json_describe_and_evaluate(cli_run):
+    work, data, id_map, model = cli_run
+    r = grace(
+        "retrieve", "a red circle", "two shapes on gray", "--model", model, "--k", "3", "--json"
+    )
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)  # stdout is only the JSON (loading bars go to stderr)
+    assert len(rows) == 2 and all(1 <= len(row) <= 3 for row in rows)
+    for h in (h for row in rows for h in row):
+        assert set(h) == {"identifier", "key", "path", "score"}
+        assert h["identifier"] in id_map.ids[h["key"]] and h["path"].startswith("images/")
+
+    ident = id_map.ids[next(iter(id_map.ids))][0]
+    r = grace("describe", ident, "--model", model)
+    assert r.exit_code == 0, r.output
+    described = [ln for ln in r.stdout.splitlines() if ln.startswith(f"{ident}:")]
+    assert len(described) == 1 and described[0].split(":", 1)[1].strip(), r.stdout
+
+    out = work / "eval"
+    r = grace(
+        "evaluate", "--model", model, "--data", data, "--out", out, "--gallery", "test",
+        "--dense", "dual-encoder", "--dense-seconds", "2",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 3 and metrics["valid_id_rate"] == 1.0
+    assert {"grace_R@1", "dense_R@1", "memorization"} <= metrics.keys()
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "dense top-5" in page
+
+
+def error_lines(r) -> list[str]:
+    assert "Traceback" not in r.output, r.output
+    return [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_model_commands_refuse_bad_input_with_one_line_and_exit_2(cli_run, tmp_path):
+    work, data, id_map, model = cli_run
+    r = grace("describe", "4242", "--model", model)
+    assert r.exit_code == 2 and error_lines(r) == [
+        "error: unknown identifier '4242' (not a live id of this model)"
+    ]
+    r = grace("retrieve", "a red circle", "--model", tmp_path / "nowhere")
+    assert r.exit_code == 2 and len(error_lines(r)) == 1 and "nowhere" in r.output
+    with pytest.MonkeyPatch.context() as mp:  # refused before a minute of baseline training
+        mp.setattr("grace.cli._embedder", lambda *a: pytest.fail("trained a baseline first"))
+        r = grace("evaluate", "--model", model, "--data", data, "--out", tmp_path, "--gallery", "x")
+    assert r.exit_code == 2 and len(error_lines(r)) == 1 and "gallery" in r.output
+    ids = work / "ids.json"
+    for setting, why in [("lr", "--set 'lr': expected KEY=VALUE"), ("lr_typo=1", "'lr_typo'")]:
+        r = grace("train", "--data", data, "--ids", ids, "--out", tmp_path / "r", "--set", setting)
+        assert r.exit_code == 2 and len(error_lines(r)) == 1, r.output
+        assert why in error_lines(r)[0]
+    r = grace("train", "--data", tmp_path / "none", "--ids", ids, "--out", tmp_path / "r")
+    assert r.exit_code == 2 and len(error_lines(r)) == 1 and "none" in r.output
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_backbone_from_the_config_file_is_not_overridden(cli_run, tmp_path):
+    """A backbone named in --config or --set is used unless --backbone says otherwise."""
+    work, data, _, model = cli_run
+    cfg = {**SMALL_RUN, "backbone": str(model), "epochs": 1}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    r = grace(
+        "train", "--data", data, "--ids", work / "ids.json", "--out", run,
+        "--config", tmp_path / "cfg.json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    info = json.loads((run / "model" / "grace.json").read_text())
+    assert info["train_config"]["backbone"] == str(model)

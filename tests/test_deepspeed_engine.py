@@ -1,15 +1,15 @@
 """make_engine: the loop's train-step API, plain and DeepSpeed ZeRO, on CPU in one process.
 
 DeepSpeed runs here on gloo with a one-rank world; make_engine keeps it from JIT-compiling its
-shared-memory comm op, so a cold TORCH_EXTENSIONS_DIR costs nothing. The module fixture restores
-the environment and tears the process group down, so later tests see no distributed state.
+shared-memory comm op, so a cold TORCH_EXTENSIONS_DIR costs nothing. The ``dist_env`` fixture
+(conftest.py) restores the environment and tears the process group down, so later tests see no
+distributed state.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,20 +83,6 @@ def params(engine: TrainEngine) -> dict[str, torch.Tensor]:
 def fresh(seed: int = 0) -> Tiny:
     torch.manual_seed(seed)
     return Tiny()
-
-
-@pytest.fixture(scope="module")
-def dist_env(tmp_path_factory) -> Iterator[Path]:
-    """A one-process world for DeepSpeed, undone afterwards (env and process group); yields an
-    empty TORCH_EXTENSIONS_DIR, to check that nothing gets JIT-compiled."""
-    ext_dir = tmp_path_factory.mktemp("torch_extensions")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in DIST_VARS:
-            mp.delenv(var, raising=False)
-        mp.setenv("TORCH_EXTENSIONS_DIR", str(ext_dir))
-        yield ext_dir
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def ds_engine(model: torch.nn.Module, config: Path) -> TrainEngine:
