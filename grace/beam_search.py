@@ -88,10 +88,16 @@ def trie_beam_search(
     # Every beam of a query starts as its prompt: one prefilled row, repeated.
     log_probs = torch.log_softmax(logits, dim=-1).repeat_interleave(beams, dim=0)
     nodes = np.zeros(batch * beams, dtype=np.int64)
-    mask = mask.repeat_interleave(beams, dim=0)
-    position = position[:, -1:].repeat_interleave(beams, dim=0)
     flat_base = (torch.arange(batch, device=device) * beams)[:, None]
-    cache_rows = torch.arange(batch, device=device).repeat_interleave(beams)
+    # The cache keeps one row per query: the prompt once, then at each step the ``beams`` new
+    # tokens side by side. A beam attends to the prompt, its ancestors' slots and its own slot;
+    # beams are never copied, only ``ancestors`` is reordered.
+    prompt_keep = mask.bool()[:, None, :].expand(batch, beams, width)
+    ancestors = torch.zeros(batch, beams, beams * max_new_tokens, dtype=torch.bool, device=device)
+    own_slot = torch.eye(beams, dtype=torch.bool, device=device).expand(batch, beams, beams)
+    position = position[:, -1:].expand(batch, beams)
+    beam_range = torch.arange(beams, device=device)[None, :]
+    batch_range = torch.arange(batch, device=device)[:, None]
 
     running_seq = torch.full((batch, beams, max_new_tokens), pad_token_id, device=device)
     running_score = torch.zeros(batch, beams, device=device)
@@ -104,17 +110,17 @@ def trie_beam_search(
 
     for step in range(max_new_tokens):
         if step:
-            cache.reorder_cache(cache_rows)
-            mask = torch.cat([mask, mask.new_ones(batch * beams, 1)], dim=1)
+            fed = beams * (step - 1)  # slots filled before this step
+            keep_kv = torch.cat([prompt_keep, ancestors[:, :, :fed], own_slot], dim=2)
             position = position + 1
             out = model(
-                input_ids=running_seq[:, :, step - 1].reshape(-1, 1),
-                attention_mask=mask if padded else None,
+                input_ids=running_seq[:, :, step - 1],
+                attention_mask=keep_kv[:, None],
                 position_ids=position,
                 past_key_values=cache,
                 use_cache=True,
             )
-            log_probs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+            log_probs = torch.log_softmax(out.logits.float(), dim=-1).view(batch * beams, -1)
             del out
         if trie is not None:
             log_probs = constrain_scores(log_probs, trie.node_mask(nodes, vocab), eos)
@@ -144,7 +150,9 @@ def trie_beam_search(
         done = torch.take_along_dim(torch.cat([done, just_done], dim=1), merged, dim=1)
 
         rows = (flat_base + parent).reshape(-1)
-        cache_rows = cache_rows[rows] if step == 0 else rows
+        if step:  # the parent's token, fed this step, is now an ancestor
+            ancestors = torch.take_along_dim(ancestors, parent[:, :, None], dim=1)
+            ancestors[batch_range, beam_range, beams * (step - 1) + parent] = True
         if trie is not None:
             tokens = running_seq[:, :, step].reshape(-1).cpu().numpy()
             nodes = trie.advance(nodes[rows.cpu().numpy()], tokens)

@@ -130,3 +130,31 @@ def test_grace_model_ranks_alike_with_semantic_ids_and_images(tmp_path):
         assert [h.identifier for h in got] == [h.identifier for h in want]
         np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-4)
     assert all(len(hits) == len({h.key for h in hits}) for hits in new[0])
+
+
+@pytest.mark.slow
+def test_bench_command_writes_plot_and_logs_to_mlflow(tmp_path, monkeypatch):
+    import json
+
+    import mlflow
+    from typer.testing import CliRunner
+
+    from grace.cli import app
+
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts beside the working directory
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["bench", "--out", "b", "--sizes", "100,2000", "--queries", "2", "--batch-size", "2"]
+    args += ["--repeats", "1", "--beams", "3", "--no-reference", "--mlflow-uri", uri]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b" / "query_latency.png").read_bytes()[:4] == b"\x89PNG"
+    result = json.loads((tmp_path / "b" / "query_latency.json").read_text())
+    assert [r["ids"] for r in result["rows"]] == [100, 2000]
+    assert all(r["grace_ms"] > 0 and r["dense_ms"] > 0 for r in result["rows"])
+    assert "Crossover against dense" in res.output
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["grace-bench"], output_format="list")
+    assert len(runs) == 1
+    assert runs[0].data.metrics["floor_ms"] > 0
+    artifacts = mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)
+    assert [a.path for a in artifacts] == ["query_latency.png"]
