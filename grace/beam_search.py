@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from grace.llama_steps import LlamaSteps
 from grace.trie import Trie, constrain_scores
 
 _NEG = -1.0e9  # transformers' "never pick this" score, kept so rankings match it exactly
@@ -52,13 +53,15 @@ def trie_beam_search(
     pad_token_id: int,
     eos_token_id: int | None = None,
     length_penalty: float = 1.0,
+    fused_steps: bool = True,
 ) -> BeamSearchOutput:
     """Beam search over ``trie``'s identifiers for each row of ``inputs`` (processor output).
 
     ``inputs`` holds ``input_ids`` and ``attention_mask`` (left padded) and any extra model
     inputs of the prompt (``pixel_values``, ...), which are used by the prefill only.
     ``trie=None`` is plain beam search (then ``eos_token_id`` is needed): the baseline that the
-    trie's cost is measured against.
+    trie's cost is measured against. With ``fused_steps`` a plain Llama decoder runs its beam
+    steps through ``LlamaSteps`` (same results, less overhead); other models use their forward.
     """
     if trie is None and eos_token_id is None:
         raise ValueError("plain beam search (no trie) needs eos_token_id")
@@ -82,6 +85,10 @@ def trie_beam_search(
         **extra,
     )
     cache = out.past_key_values
+    fused = LlamaSteps.of(model) if fused_steps else None
+    if fused is not None:
+        keys, values, filled = fused.buffers(cache, beams * max_new_tokens)
+        del cache
     logits = out.logits[:, -1, :].float()
     vocab = logits.shape[-1]
     del out
@@ -113,15 +120,19 @@ def trie_beam_search(
             fed = beams * (step - 1)  # slots filled before this step
             keep_kv = torch.cat([prompt_keep, ancestors[:, :, :fed], own_slot], dim=2)
             position = position + 1
-            out = model(
-                input_ids=running_seq[:, :, step - 1],
-                attention_mask=keep_kv[:, None],
-                position_ids=position,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            log_probs = torch.log_softmax(out.logits.float(), dim=-1).view(batch * beams, -1)
-            del out
+            fed_tokens = running_seq[:, :, step - 1]
+            if fused is not None:
+                logits = fused.step(fed_tokens, position, keep_kv, keys, values, filled)
+                filled += beams
+            else:
+                logits = model(
+                    input_ids=fed_tokens,
+                    attention_mask=keep_kv[:, None],
+                    position_ids=position,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits
+            log_probs = torch.log_softmax(logits.float(), dim=-1).view(batch * beams, -1)
         if trie is not None:
             log_probs = constrain_scores(log_probs, trie.node_mask(nodes, vocab), eos)
         total = (log_probs.view(batch, beams, vocab) + running_score[:, :, None]).view(batch, -1)

@@ -46,18 +46,28 @@ def _prompts() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": (ids != PAD).long()}
 
 
-def _both(model, inputs, trie, beams, max_new):
+def _both(model, inputs, trie, beams, max_new, fused=True):
     kw = dict(num_beams=beams, max_new_tokens=max_new, pad_token_id=PAD)
-    return trie_beam_search(model, inputs, trie, **kw), generate_beam_search(
+    return trie_beam_search(model, inputs, trie, fused_steps=fused, **kw), generate_beam_search(
         model, inputs, trie, **kw
     )
 
 
+def test_plain_llama_gets_fused_steps(llama):
+    from grace.llama_steps import LlamaSteps
+
+    assert LlamaSteps.of(llama) is not None
+    llama.train()
+    assert LlamaSteps.of(llama) is None  # training: the model's own forward
+    llama.eval()
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("n_ids, beams", [(3, 4), (40, 4), (40, 10), (300, 10)])
-def test_same_sequences_and_scores_as_generate(llama, n_ids, beams):
+def test_same_sequences_and_scores_as_generate(llama, n_ids, beams, fused):
     ids = _ids(n_ids, seed=n_ids)
     trie = Trie(ids, eos_token_id=EOS)
-    new, ref = _both(llama, _prompts(), trie, beams, max(map(len, ids)) + 1)
+    new, ref = _both(llama, _prompts(), trie, beams, max(map(len, ids)) + 1, fused)
     width = ref.sequences.shape[2]
     assert new.sequences.shape[:2] == ref.sequences.shape[:2] == (3, beams)
     assert torch.equal(new.sequences[..., :width], ref.sequences)
