@@ -76,22 +76,32 @@ def trie_beam_search(
     padded = bool((mask == 0).any())
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     position = _positions(mask)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask if padded else None,
-        position_ids=position,
-        use_cache=True,
-        logits_to_keep=1,
-        **extra,
-    )
-    cache = out.past_key_values
     fused = LlamaSteps.of(model) if fused_steps else None
-    if fused is not None:
-        keys, values, filled = fused.buffers(cache, beams * max_new_tokens)
-        del cache
-    logits = out.logits[:, -1, :].float()
+    if fused is not None and not extra:  # a text prompt: prefill through the fused layers too
+        keys, values = fused.empty_buffers(batch, width + beams * max_new_tokens, ids)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        # pads attend to themselves only, so that their (unused) states stay finite
+        keep_prompt = (causal & mask.bool()[:, None, :]) | torch.eye(
+            width, dtype=torch.bool, device=device
+        )
+        logits = fused.step(ids, position, keep_prompt, keys, values, 0, last_only=True)
+        filled = width
+    else:
+        out = model(
+            input_ids=ids,
+            attention_mask=mask if padded else None,
+            position_ids=position,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+        cache, logits = out.past_key_values, out.logits
+        del out
+        if fused is not None:
+            keys, values, filled = fused.buffers(cache, beams * max_new_tokens)
+            del cache
+    logits = logits[:, -1, :].float()
     vocab = logits.shape[-1]
-    del out
     # Every beam of a query starts as its prompt: one prefilled row, repeated.
     log_probs = torch.log_softmax(logits, dim=-1).repeat_interleave(beams, dim=0)
     nodes = np.zeros(batch * beams, dtype=np.int64)

@@ -104,6 +104,15 @@ class LlamaSteps:
             values.append(vb)
         return keys, values, cache.layers[0].keys.shape[2]
 
+    def empty_buffers(
+        self, batch: int, length: int, like: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Key/value buffers for ``length`` tokens of ``batch`` rows, to prefill with ``step``."""
+        dtype = self.embed.weight.dtype
+        shape = (batch, self.kv_heads, length, self.head_dim)
+        make = lambda: torch.empty(shape, dtype=dtype, device=like.device)  # noqa: E731
+        return [make() for _ in self.layers], [make() for _ in self.layers]
+
     @torch.no_grad()
     def step(
         self,
@@ -113,10 +122,12 @@ class LlamaSteps:
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
         filled: int,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits ``(batch, new, vocab)`` of ``tokens`` ``(batch, new)``; their keys and values go
         to positions ``filled:filled + new`` of the buffers; ``keep`` ``(batch, new, filled +
-        new)`` says which cached tokens each new one attends to."""
+        new)`` says which cached tokens each new one attends to. ``last_only``: logits of the
+        last new token only (a prefill)."""
         x = self.embed(tokens)
         cos, sin = self.rotary(x, positions)
         b, t = tokens.shape
@@ -144,4 +155,6 @@ class LlamaSteps:
             x = x + F.linear(a.transpose(1, 2).reshape(b, t, -1), wo)
             gate, up = F.linear(ln2(x), wgu).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, wd)
+        if last_only:
+            x = x[:, -1:]
         return self.head(self.norm(x))
