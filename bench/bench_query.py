@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             "on demo captions) and a trie of N distinct random ids of the `numeric` scheme drawn "
             "below 1,000,000 at every N (so ids are equally long: 6 digits + EOS = 7 steps); "
             "dense: the dual encoder's text tower, then scores against N random unit vectors "
-            "(dim 128) and top-10. All columns are timed in one process, interleaved, so ratios "
-            "hold under the same load.",
+            "(dim 128) and top-10. All columns are timed in one process, the methods taking turns "
+            "call by call, so ratios hold under the same load.",
             "",
             markdown_report(results),
         ]

@@ -15,6 +15,7 @@ BENCHMARKS.md; ``grace bench`` runs this and logs the plot to MLflow.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
@@ -145,8 +146,8 @@ def run_query_benchmark(
 ) -> dict[str, Any]:
     """Per-query milliseconds of every method at every catalog size, the floor, the crossovers.
 
-    Runs are interleaved (each round times every method at every size once), so a change of
-    load while it runs hits all columns alike; each figure is the median over rounds.
+    Runs are interleaved (in each round, at each size, the methods take turns call by call), so
+    a change of load while it runs hits all columns alike; each figure is the median over rounds.
     """
     torch.set_num_threads(cfg.threads)
     setup = build_setup(cfg)
@@ -155,7 +156,7 @@ def run_query_benchmark(
     faiss = _faiss()
     if faiss is not None:
         faiss.omp_set_num_threads(cfg.threads)
-    timed: dict[int, dict[str, Callable[[], object]]] = {}
+    timed: dict[int, dict[str, list[Callable[[], object]]]] = {}
     steps: dict[int, int] = {}
     for n in cfg.sizes:
         _, seqs = numeric_id_sequences(tok, n, cfg.id_space, cfg.seed)
@@ -166,15 +167,22 @@ def run_query_benchmark(
         log(f"built {n:,} ids")
     nq = len(singles)
     times: dict[int, dict[str, list[float]]] = {n: {m: [] for m in timed[n]} for n in cfg.sizes}
-    for fns in timed.values():  # warm-up
-        for fn in fns.values():
-            fn()
+    for calls in timed.values():  # warm-up
+        for call in calls.values():
+            for part in call:
+                part()
     for r in range(cfg.repeats):
         for n in cfg.sizes:
-            for name, fn in timed[n].items():
-                t0 = time.perf_counter()
-                fn()
-                times[n][name].append(1e3 * (time.perf_counter() - t0) / nq)
+            # call by call, the methods take turns: load changes hit all of them alike
+            spent = dict.fromkeys(timed[n], 0.0)
+            for i in range(max(len(c) for c in timed[n].values())):
+                for name, call in timed[n].items():
+                    if i < len(call):
+                        t0 = time.perf_counter()
+                        call[i]()
+                        spent[name] += time.perf_counter() - t0
+            for name, total in spent.items():
+                times[n][name].append(1e3 * total / nq)
         log(f"round {r + 1}/{cfg.repeats} done")
     rows = []
     for n in cfg.sizes:
@@ -209,8 +217,8 @@ def trie_for_flops(tok: Any) -> Trie:
 
 def _grace_methods(
     setup: Setup, trie: Trie, steps: int, cfg: QueryBenchConfig
-) -> dict[str, Callable[[], object]]:
-    """Each method runs every benchmark query once (one at a time, or in batches)."""
+) -> dict[str, list[Callable[[], object]]]:
+    """Each method as its calls: one per query, or one per batch of queries."""
     tok = setup.processor.tokenizer
     kw = dict(num_beams=cfg.num_beams, max_new_tokens=steps, pad_token_id=tok.pad_token_id)
     singles = [_inputs(setup, [p]) for p in setup.prompts]
@@ -221,7 +229,7 @@ def _grace_methods(
     model, eos = setup.model, tok.eos_token_id
 
     def over(xs, search, t=trie, **more):
-        return lambda: [search(model, x, t, **kw, **more) for x in xs]
+        return [functools.partial(search, model, x, t, **kw, **more) for x in xs]
 
     methods = {
         "grace": over(singles, trie_beam_search),
@@ -237,7 +245,7 @@ def _grace_methods(
 
 def _dense_methods(
     setup: Setup, n: int, cfg: QueryBenchConfig, faiss: Any
-) -> dict[str, Callable[[], object]]:
+) -> dict[str, list[Callable[[], object]]]:
     """Dense brute force over ``n`` images: text tower + scores + top-k, single and batched."""
     dim = setup.dual.config.embed_dim
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -253,8 +261,8 @@ def _dense_methods(
         return torch.topk(setup.dual.encode_texts(x) @ images.T, K, dim=1).indices
 
     out = {
-        "dense": lambda: [search(x) for x in ids],
-        "dense_batched": lambda: [search(x) for x in bids],
+        "dense": [functools.partial(search, x) for x in ids],
+        "dense_batched": [functools.partial(search, x) for x in bids],
     }
     if faiss is not None:
         index = faiss.IndexFlatIP(dim)
@@ -264,8 +272,8 @@ def _dense_methods(
         def fsearch(x: torch.Tensor) -> object:
             return index.search(setup.dual.encode_texts(x).numpy(), K)
 
-        out["faiss"] = lambda: [fsearch(x) for x in ids]
-        out["faiss_batched"] = lambda: [fsearch(x) for x in bids]
+        out["faiss"] = [functools.partial(fsearch, x) for x in ids]
+        out["faiss_batched"] = [functools.partial(fsearch, x) for x in bids]
     return out
 
 
