@@ -38,6 +38,11 @@ def _decoder(model: PreTrainedModel) -> tuple[LlamaModel, nn.Module] | None:
     return None
 
 
+def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``LlamaRMSNorm`` as one fused op (float32 weights, as the tiny backbone has)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
 class LlamaSteps:
     """Fused weights of a Llama decoder, and ``step`` to run new tokens over a KV buffer."""
 
@@ -80,6 +85,7 @@ class LlamaSteps:
             and getattr(cfg, "hidden_act", "silu") == "silu"
             and getattr(head, "bias", None) is None
             and not model.training
+            and text.embed_tokens.weight.dtype == torch.float32
         )
         if not plain or sum(p.numel() for p in text.parameters()) > MAX_PARAMETERS:
             return None
@@ -137,7 +143,7 @@ class LlamaSteps:
         for (ln1, wqkv, wo, ln2, wgu, wd, scaling), kb, vb in zip(
             self.layers, keys, values, strict=True
         ):
-            h = F.linear(ln1(x), wqkv)
+            h = F.linear(_rms(x, ln1), wqkv)
             q = h[..., :q_end].view(b, t, self.heads, self.head_dim).transpose(1, 2)
             k = h[..., q_end:k_end].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = h[..., k_end:].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -153,8 +159,8 @@ class LlamaSteps:
                 enable_gqa=self.kv_heads != self.heads,
             )
             x = x + F.linear(a.transpose(1, 2).reshape(b, t, -1), wo)
-            gate, up = F.linear(ln2(x), wgu).chunk(2, dim=-1)
+            gate, up = F.linear(_rms(x, ln2), wgu).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, wd)
         if last_only:
             x = x[:, -1:]
-        return self.head(self.norm(x))
+        return self.head(_rms(x, self.norm))
