@@ -2,16 +2,20 @@
 
 Why not ``generate(num_beams=...)``: it copies every prompt ``num_beams`` times before the first
 forward, so a query pays its prompt ``num_beams`` times, and it walks every beam's whole prefix
-through the trie at each step. Here each prompt is run once and its cache is copied to the beams
-afterwards (the beams are identical until the first token), each beam keeps its trie node, and
-all queries x beams of a batch are stepped in one forward.
+through the trie at each step, and it copies the whole cache of every beam at every step. Here
+each prompt is run once and stays in the cache once: the beams' tokens are appended side by side
+and each beam attends (4D mask) to the prompt, its ancestors and itself, so nothing is copied when
+beams are reordered. Each beam keeps its trie node, and all queries x beams of a batch step in one
+forward.
 
 The ranking is that of transformers' beam search with ``early_stopping=True`` and a
 ``TrieLogitsProcessor`` (the reference, which a test holds this to): at each step the best
 ``2 * num_beams`` continuations of a query are kept, those ending in EOS become finished
 hypotheses scored ``sum of log-probs / number of generated tokens (EOS included) **
 length_penalty``, and a query is done once ``num_beams`` hypotheses are finished. Decoder-only
-backbones with a ``Cache`` that has ``reorder_cache`` (transformers' ``DynamicCache``) only.
+backbones whose forward takes a 4D boolean ``attention_mask`` and appends to a ``DynamicCache``
+(Llama-family text models, Idefics3/SmolVLM); plain Llama decoders run through
+``grace.llama_steps`` instead of their modules.
 """
 
 from __future__ import annotations
