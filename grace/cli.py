@@ -443,6 +443,61 @@ def evaluate_cmd(
 
 
 # ---------------------------------------------------------------------------------------------
+# grace bench
+# ---------------------------------------------------------------------------------------------
+@app.command("bench")
+@reports_errors
+def bench_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for query_latency.png and .json.")] = Path(
+        "work/bench"
+    ),
+    sizes: Annotated[str, typer.Option(help="Comma-separated id counts.")] = (
+        "1000,10000,100000,1000000"
+    ),
+    threads: int = 1,
+    queries: int = 16,
+    batch_size: int = 16,
+    beams: int = 10,
+    repeats: int = 5,
+    reference: Annotated[bool, typer.Option(help="Also time transformers' generate.")] = True,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(envvar="MLFLOW_TRACKING_URI", help="Log params, metrics and the plot here."),
+    ] = None,
+) -> None:
+    """Query latency against catalog size: trie beam search against dense retrieval."""
+    from grace.atomic_io import write_text
+    from grace.query_benchmark import (
+        QueryBenchConfig,
+        log_to_mlflow,
+        markdown_report,
+        plot_latency,
+        run_query_benchmark,
+    )
+
+    try:
+        size_list = [int(s) for s in sizes.split(",")]
+    except ValueError:
+        raise GraceError(f"--sizes {sizes!r}: expected comma-separated integers") from None
+    cfg = QueryBenchConfig(
+        sizes=size_list,
+        num_beams=beams,
+        batch_size=batch_size,
+        queries=queries,
+        repeats=repeats,
+        threads=threads,
+        reference=reference,
+    )
+    result = run_query_benchmark(cfg, log=lambda s: typer.echo(s, err=True))
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_latency(result, out / "query_latency.png")
+    write_text(out / "query_latency.json", json.dumps(result, indent=1, default=str))
+    typer.echo(markdown_report([result]))
+    typer.echo(f"wrote {png} and {out / 'query_latency.json'}")
+    if mlflow_uri:
+        typer.echo(f"logged MLflow run {log_to_mlflow(result, png, mlflow_uri)}")
+
+
 def _load(path: Path):
     from grace.imageset import load_records
 

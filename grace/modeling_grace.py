@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import LogitsProcessorList, PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, ProcessorMixin
 
 from grace.atomic_io import atomic_dir, write_json
+from grace.beam_search import trie_beam_search
 from grace.configuration_grace import Prompts
 from grace.errors import GraceError
 from grace.identifier_index import IdentifierIndex
@@ -27,7 +28,6 @@ from grace.imageset import read_manifest, write_manifest
 from grace.modeling_backbone import load_backbone, tokenizer_of
 from grace.records import ImageRecord
 from grace.task_examples import user_turn
-from grace.trie import TrieLogitsProcessor
 
 FORMAT_VERSION = 1
 GRACE_FILE = "grace.json"
@@ -63,6 +63,7 @@ class GraceModel:
         self.info = dict(info or {})
         self.index = IdentifierIndex.build(id_map, self.tokenizer)
         self.max_id_tokens = max((len(s) for s in self.index.sequences), default=1)
+        self.search = trie_beam_search  # swap in beam_search.generate_beam_search to compare
 
     # ---- persistence -----------------------------------------------------------------------
     def save(
@@ -123,35 +124,28 @@ class GraceModel:
     def _constrained(
         self, inputs: dict[str, torch.Tensor], k: int, num_beams: int
     ) -> list[list[Hit]]:
-        """Top-k images per row by beam search over the identifier trie."""
-        beams = max(num_beams, 1)
-        width = inputs["input_ids"].shape[1]
-        out = self.model.generate(
-            **inputs,
+        """Top-k images per row by beam search over the identifier trie.
+
+        A hit's score is its identifier's length-normalised log-probability (sum over its tokens
+        and EOS, divided by their number); an image with several ids (semantic) keeps its best.
+        ``self.search`` is ``trie_beam_search`` (``generate_beam_search`` is the reference).
+        """
+        out = self.search(
+            self.model,
+            inputs,
+            self.index.trie,
+            num_beams=max(num_beams, 1),
             max_new_tokens=self.max_id_tokens + 1,
-            num_beams=beams,
-            num_return_sequences=beams,
-            do_sample=False,
-            early_stopping=True,
-            logits_processor=LogitsProcessorList([TrieLogitsProcessor(self.index.trie, width)]),
-            output_scores=True,
-            return_dict_in_generate=True,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
         )
-        seqs = out.sequences[:, width:].tolist()
-        if getattr(out, "sequences_scores", None) is not None:
-            scores = out.sequences_scores.tolist()
-        else:  # greedy search: no sequence scores; rank is all there is
-            scores = [0.0] * len(seqs)
         results = []
-        for row in range(inputs["input_ids"].shape[0]):
+        for seqs, scores in zip(out.sequences.tolist(), out.scores.tolist(), strict=True):
             hits: dict[str, Hit] = {}
-            for j in range(row * beams, (row + 1) * beams):
-                found = self.index.resolve(seqs[j])
+            for seq, score in zip(seqs, scores, strict=True):
+                found = self.index.resolve(seq)
                 if found is None or found[1] in hits:
                     continue  # several ids of one image (semantic): keep the best
-                hits[found[1]] = Hit(found[0], found[1], self.path_of.get(found[1], ""), scores[j])
+                hits[found[1]] = Hit(found[0], found[1], self.path_of.get(found[1], ""), score)
             ranked = sorted(hits.values(), key=lambda h: -h.score)
             results.append(ranked[:k])
         return results

@@ -278,26 +278,36 @@ class Trie:
             raise ValueError("prefixes must be a (batch, length) matrix")
         batch, length = prefixes.shape
         node = np.zeros(batch, dtype=np.int64)
-        ok = np.ones(batch, dtype=bool)
         for j in range(length):
-            child = self._child(node, prefixes[:, j], live_only=True)
-            ok &= child >= 0
-            node = np.where(ok, child, self._sink)
-        mask = np.zeros((batch, vocab_size), dtype=bool)
-        rows = np.flatnonzero(ok)
-        if rows.size:
-            # Beams share prefixes: expand each distinct node once, then copy rows.
-            uniq, inverse = np.unique(node[rows], return_inverse=True)
-            lo = self.first_child[uniq].astype(np.int64)
-            deg = self.first_child[uniq + 1].astype(np.int64) - lo
-            total = int(deg.sum())
+            node = self.advance(node, prefixes[:, j])
+        return self.node_mask(node, vocab_size)
+
+    def advance(self, nodes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """The node each of ``nodes`` reaches by its token along a live edge, or a dead end.
+
+        A decoder that keeps each beam's node calls this once per step instead of walking every
+        prefix again; a dead end (invalid prefix, or past EOS) allows nothing in ``node_mask``.
+        """
+        child = self._child(np.asarray(nodes, dtype=np.int64), np.asarray(tokens), live_only=True)
+        return np.where(child >= 0, child, self._sink)
+
+    def node_mask(self, nodes: np.ndarray, vocab_size: int) -> torch.Tensor:
+        """Boolean ``(len(nodes), vocab_size)``: the live edges leaving each node (root: 0)."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        mask = np.zeros((nodes.size, vocab_size), dtype=bool)
+        # Beams share prefixes: expand each distinct node once, then copy rows.
+        uniq, inverse = np.unique(nodes, return_inverse=True)
+        lo = self.first_child[uniq].astype(np.int64)
+        deg = self.first_child[uniq + 1].astype(np.int64) - lo
+        total = int(deg.sum())
+        if total:
             owner = np.repeat(np.arange(uniq.size), deg)
             edge = np.arange(total) - np.repeat(np.cumsum(deg) - deg, deg) + np.repeat(lo, deg)
             tok = self.edge_token[edge]
             keep = (self.count[edge + 1] > 0) & (tok < vocab_size)
             umask = np.zeros((uniq.size, vocab_size), dtype=bool)
             umask[owner[keep], tok[keep]] = True
-            mask[rows] = umask[inverse]
+            mask[:] = umask[inverse]
         return torch.from_numpy(mask)
 
     # ---- updates ------------------------------------------------------------------------------
@@ -438,25 +448,33 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         mask = self.trie.next_token_mask(input_ids[:, self.prompt_length :], scores.shape[-1])
-        held = mask.numpy()  # shares memory with ``mask``
-        stuck = ~held.any(axis=1)
-        eos = self.trie.eos_token_id
-        if stuck.any() and eos < held.shape[1]:
-            held[stuck, eos] = True
-        if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
-            # numpy on one thread: torch splits an op this small over its threads, which costs
-            # milliseconds a step whenever another process holds a core.
-            values = scores.detach().numpy()
-            out = np.full_like(values, -np.inf)
-            np.copyto(out, values, where=held)
-            hopeless = np.flatnonzero(out.max(axis=1) == -np.inf)
-            if hopeless.size:
-                out[hopeless] = np.where(held[hopeless], np.finfo(out.dtype).min / 2, -np.inf)
-            return torch.from_numpy(out)
-        mask = mask.to(scores.device)
-        out = torch.where(mask, scores, float("-inf"))
-        hopeless = out.amax(dim=-1) == float("-inf")
-        if hopeless.any():
-            floor = torch.finfo(out.dtype).min / 2
-            out[hopeless] = torch.where(mask[hopeless], floor, float("-inf")).to(out.dtype)
-        return out
+        return constrain_scores(scores, mask, self.trie.eos_token_id)
+
+
+def constrain_scores(scores: torch.Tensor, mask: torch.Tensor, eos: int) -> torch.Tensor:
+    """``scores`` with tokens outside ``mask`` at -inf (the rules of ``TrieLogitsProcessor``).
+
+    A row that allows nothing may emit EOS only; a row whose allowed tokens all score -inf gets
+    them at ``finfo.min / 2``. ``mask`` is modified in place.
+    """
+    held = mask.numpy()  # shares memory with ``mask``
+    stuck = ~held.any(axis=1)
+    if stuck.any() and eos < held.shape[1]:
+        held[stuck, eos] = True
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        # numpy on one thread: torch splits an op this small over its threads, which costs
+        # milliseconds a step whenever another process holds a core.
+        values = scores.detach().numpy()
+        out = np.full_like(values, -np.inf)
+        np.copyto(out, values, where=held)
+        hopeless = np.flatnonzero(out.max(axis=1) == -np.inf)
+        if hopeless.size:
+            out[hopeless] = np.where(held[hopeless], np.finfo(out.dtype).min / 2, -np.inf)
+        return torch.from_numpy(out)
+    mask = mask.to(scores.device)
+    out = torch.where(mask, scores, float("-inf"))
+    hopeless = out.amax(dim=-1) == float("-inf")
+    if hopeless.any():
+        floor = torch.finfo(out.dtype).min / 2
+        out[hopeless] = torch.where(mask[hopeless], floor, float("-inf")).to(out.dtype)
+    return out

@@ -1,0 +1,121 @@
+"""Query latency against catalog size: GRACE's trie beam search against dense retrieval.
+
+Times, per query, the trie beam search (``grace/beam_search.py``), transformers' ``generate`` with
+the trie processor (what GRACE used before), the same search without the trie, and dense brute
+force (torch, and a FAISS flat index when ``faiss`` imports) at 1K..1M images, for each thread
+count; see ``grace/query_benchmark.py`` for the method. Example (what BENCHMARKS.md reports):
+
+    python bench/bench_query.py --threads 1,2 --write BENCHMARKS.md --plot bench/query_latency.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from grace.atomic_io import write_text
+from grace.query_benchmark import (
+    QueryBenchConfig,
+    markdown_report,
+    plot_latency,
+    run_query_benchmark,
+)
+
+START, END = "<!-- bench:query:start -->", "<!-- bench:query:end -->"
+
+
+def machine_line() -> str:
+    try:
+        import faiss
+
+        faiss_version = f", faiss-cpu {faiss.__version__}"
+    except ImportError:
+        faiss_version = ", faiss not installed"
+    return (
+        f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}{faiss_version}; "
+        f"load average {os.getloadavg()[0]:.2f} when it finished (2 cores shared with other jobs)."
+    )
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this benchmark's section of ``path`` (or append it); others stay as they are."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    block = f"{START}\n{section}{END}"
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    write_text(path, text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", default="1000,10000,100000,1000000", help="comma-separated id counts")
+    p.add_argument("--threads", default="1", help="comma-separated torch thread counts")
+    p.add_argument("--queries", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--beams", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-reference", action="store_true", help="skip timing generate")
+    p.add_argument("--write", type=Path, help="put the tables in this markdown file's section")
+    p.add_argument("--plot", type=Path, help="PNG of the first thread count's latencies")
+    p.add_argument("--json", type=Path, help="all figures as JSON")
+    args = p.parse_args(argv)
+    results = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        cfg = QueryBenchConfig(
+            sizes=[int(s) for s in args.sizes.split(",")],
+            num_beams=args.beams,
+            batch_size=args.batch_size,
+            queries=args.queries,
+            repeats=args.repeats,
+            threads=threads,
+            reference=not args.no_reference,
+        )
+        results.append(
+            run_query_benchmark(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+        )
+    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
+    text = "\n".join(
+        [
+            "## Query latency against catalog size (`grace/beam_search.py`)",
+            "",
+            f"Command: `{command}`",
+            "",
+            machine_line(),
+            "",
+            "Random-init tiny backbone (`TinyBackboneConfig()`, text prompts of the retrieve task "
+            "on demo captions) and a trie of N distinct random ids of the `numeric` scheme drawn "
+            "below 1,000,000 at every N (so ids are equally long: 6 digits + EOS = 7 steps); "
+            "dense: the dual encoder's text tower, then scores against N random unit vectors "
+            "(dim 128) and top-10. All columns are timed in one process, the methods taking turns "
+            "call by call, so ratios hold under the same load.",
+            "",
+            markdown_report(results),
+        ]
+    )
+    if args.plot:
+        plot_latency(results[0], args.plot)
+        text += f"\nPlot: `{args.plot.as_posix()}` ({results[0]['config']['threads']} thread).\n"
+    print(text)
+    if args.json:
+        write_text(args.json, json.dumps(results, indent=1, default=str))
+    if args.write:
+        write_section(args.write, text)
+
+
+if __name__ == "__main__":
+    main()

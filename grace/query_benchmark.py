@@ -1,0 +1,470 @@
+"""What a query costs against the number of images: trie beam search against dense retrieval.
+
+GRACE's efficiency claim is that a query's cost does not grow with the catalog, while dense
+retrieval scores every image. Weights do not matter for cost, so a random-init tiny backbone and a
+trie of ``n`` random distinct ids of the ``numeric`` scheme (one digit token each, drawn from the
+same space at every size so ids are equally long) stand in for a trained model; beam search on
+random weights walks random paths through the trie. The dense side encodes the query with the dual
+encoder's text tower and scores ``n`` random unit vectors (torch matmul + top-k; FAISS flat
+inner-product index too when ``faiss`` imports).
+
+Every figure is a median over several runs, the two sides timed in one process, one after the
+other, so ratios are taken under the same load. ``bench/bench_query.py`` writes the tables of
+BENCHMARKS.md; ``grace bench`` runs this and logs the plot to MLflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from grace.beam_search import generate_beam_search, trie_beam_search
+from grace.configuration_dual_encoder import DualEncoderConfig
+from grace.configuration_grace import Prompts, TinyBackboneConfig
+from grace.modeling_backbone import build_tiny_backbone
+from grace.modeling_dual_encoder import DualEncoder, build_vocab
+from grace.synth import synthesize
+from grace.task_examples import user_turn
+from grace.trie import Trie
+
+K = 10  # images returned per query, both sides
+
+
+@dataclass
+class QueryBenchConfig:
+    sizes: list[int] = field(default_factory=lambda: [1_000, 10_000, 100_000, 1_000_000])
+    num_beams: int = 10
+    batch_size: int = 16  # queries per call in the batched rows
+    queries: int = 16  # distinct queries timed (single-query rows take each in turn)
+    repeats: int = 5  # figures are medians over this many runs
+    threads: int = 1
+    reference: bool = True  # also time transformers' generate (the path before trie_beam_search)
+    id_space: int = 1_000_000  # ids are distinct random numbers below this
+    seed: int = 0
+
+
+def numeric_id_sequences(
+    tokenizer: Any, n: int, space: int, seed: int
+) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    """``n`` distinct random numbers below ``space`` and their ``numeric``-scheme token ids."""
+    digit = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in "0123456789"]
+    if any(len(d) != 1 for d in digit):
+        raise ValueError("the tokenizer does not give each digit one token")
+    table = np.array([d[0] for d in digit])
+    numbers = np.random.default_rng(seed).permutation(space)[:n]
+    width = len(str(space - 1))
+    text = np.char.zfill(numbers.astype(str), width)  # fixed width, then cut the leading zeros
+    mat = table[np.frombuffer(text.astype(f"S{width}").tobytes(), np.uint8).reshape(n, width) - 48]
+    lengths = np.char.str_len(numbers.astype(str))
+    return numbers, [
+        tuple(r[width - k :]) for r, k in zip(mat.tolist(), lengths.tolist(), strict=True)
+    ]
+
+
+def linear_flops(model: nn.Module, fn: Callable[[], object]) -> int:
+    """Multiply-add FLOPs (x2) of every ``nn.Linear`` call while ``fn`` runs: the arithmetic."""
+    total = 0
+
+    def hook(mod: nn.Linear, args: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        total += 2 * out.numel() * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def linear_gflops(model: nn.Module, rows: int = 160, repeats: int = 30) -> float:
+    """Rate (GFLOP/s) of this machine on the model's own ``nn.Linear`` weights, each applied to
+    ``rows`` rows in turn as a decode step does (weights streamed from memory included), median
+    of ``repeats`` passes: the rate that the arithmetic floor assumes."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    flops = sum(2 * rows * w.numel() for w in weights)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for w in weights:
+                nn.functional.linear(xs[w.shape[1]], w)
+            times.append(time.perf_counter() - t0)
+    return flops / statistics.median(times) / 1e9
+
+
+@dataclass
+class Setup:
+    model: nn.Module
+    processor: Any
+    queries: list[str]
+    prompts: list[str]
+    dual: DualEncoder
+
+
+def build_setup(cfg: QueryBenchConfig) -> Setup:
+    """Random-init tiny backbone and dual encoder, with a tokenizer trained on demo captions."""
+    with tempfile.TemporaryDirectory() as tmp:
+        records = synthesize(Path(tmp) / "d", n=max(64, cfg.queries), seed=cfg.seed)
+    texts = [c for r in records for c in r.captions]
+    model, processor = build_tiny_backbone(texts, TinyBackboneConfig(), seed=cfg.seed)
+    queries = [r.captions[0] for r in records][: cfg.queries]
+    prompts = [
+        user_turn(processor, Prompts().retrieve.format(query=q), with_image=False) for q in queries
+    ]
+    dual = DualEncoder(DualEncoderConfig(), build_vocab(texts)).eval()
+    return Setup(model.eval(), processor, queries, prompts, dual)
+
+
+def _inputs(setup: Setup, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    setup.processor.tokenizer.padding_side = "left"
+    return dict(setup.processor(text=list(prompts), return_tensors="pt", padding=True))
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def run_query_benchmark(
+    cfg: QueryBenchConfig, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Per-query milliseconds of every method at every catalog size, the floor, the crossovers.
+
+    Runs are interleaved (in each round, at each size, the methods take turns call by call), so
+    a change of load while it runs hits all columns alike; each figure is the median over rounds.
+    """
+    torch.set_num_threads(cfg.threads)
+    setup = build_setup(cfg)
+    tok = setup.processor.tokenizer
+    singles = [_inputs(setup, [p]) for p in setup.prompts]
+    faiss = _faiss()
+    if faiss is not None:
+        faiss.omp_set_num_threads(cfg.threads)
+    timed: dict[int, dict[str, list[Callable[[], object]]]] = {}
+    steps: dict[int, int] = {}
+    for n in cfg.sizes:
+        _, seqs = numeric_id_sequences(tok, n, cfg.id_space, cfg.seed)
+        steps[n] = max(map(len, seqs)) + 1
+        timed[n] = _grace_methods(setup, Trie(seqs, eos_token_id=tok.eos_token_id), steps[n], cfg)
+        timed[n].update(_dense_methods(setup, n, cfg, faiss))
+        del seqs
+        log(f"built {n:,} ids")
+    nq = len(singles)
+    times: dict[int, dict[str, list[float]]] = {n: {m: [] for m in timed[n]} for n in cfg.sizes}
+    for calls in timed.values():  # warm-up
+        for call in calls.values():
+            for part in call:
+                part()
+    for r in range(cfg.repeats):
+        for n in cfg.sizes:
+            # call by call, the methods take turns: load changes hit all of them alike
+            spent = dict.fromkeys(timed[n], 0.0)
+            for i in range(max(len(c) for c in timed[n].values())):
+                for name, call in timed[n].items():
+                    if i < len(call):
+                        t0 = time.perf_counter()
+                        call[i]()
+                        spent[name] += time.perf_counter() - t0
+            for name, total in spent.items():
+                times[n][name].append(1e3 * total / nq)
+        log(f"round {r + 1}/{cfg.repeats} done")
+    rows = []
+    for n in cfg.sizes:
+        row: dict[str, Any] = {"ids": n, "steps": steps[n]}
+        row.update({f"{m}_ms": statistics.median(v) for m, v in times[n].items()})
+        rows.append(row)
+        log(
+            "  ".join(
+                f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            )
+        )
+    kw = dict(num_beams=cfg.num_beams, max_new_tokens=steps[cfg.sizes[0]])
+    trie = trie_for_flops(tok)
+    flops = linear_flops(
+        setup.model,
+        lambda: trie_beam_search(  # the module path: the fused one calls no nn.Linear
+            setup.model, singles[0], trie, pad_token_id=tok.pad_token_id, fused_steps=False, **kw
+        ),
+    )
+    return {
+        "config": asdict(cfg),
+        "rows": rows,
+        **_floor(setup, flops, rows, cfg),
+        **_crossovers(rows),
+    }
+
+
+def trie_for_flops(tok: Any) -> Trie:
+    """A 1K-id trie: the arithmetic of a query does not depend on the trie's size."""
+    return Trie(numeric_id_sequences(tok, 1000, 1_000_000, 0)[1], eos_token_id=tok.eos_token_id)
+
+
+def _grace_methods(
+    setup: Setup, trie: Trie, steps: int, cfg: QueryBenchConfig
+) -> dict[str, list[Callable[[], object]]]:
+    """Each method as its calls: one per query, or one per batch of queries."""
+    tok = setup.processor.tokenizer
+    kw = dict(num_beams=cfg.num_beams, max_new_tokens=steps, pad_token_id=tok.pad_token_id)
+    singles = [_inputs(setup, [p]) for p in setup.prompts]
+    batches = [
+        _inputs(setup, setup.prompts[i : i + cfg.batch_size])
+        for i in range(0, len(setup.prompts), cfg.batch_size)
+    ]
+    model, eos = setup.model, tok.eos_token_id
+
+    def over(xs, search, t=trie, **more):
+        return [functools.partial(search, model, x, t, **kw, **more) for x in xs]
+
+    methods = {
+        "grace": over(singles, trie_beam_search),
+        "grace_batched": over(batches, trie_beam_search),
+        "plain": over(singles, trie_beam_search, None, eos_token_id=eos),
+        "plain_batched": over(batches, trie_beam_search, None, eos_token_id=eos),
+    }
+    if cfg.reference:
+        methods["generate"] = over(singles, generate_beam_search)
+        methods["generate_batched"] = over(batches, generate_beam_search)
+    return methods
+
+
+def _dense_methods(
+    setup: Setup, n: int, cfg: QueryBenchConfig, faiss: Any
+) -> dict[str, list[Callable[[], object]]]:
+    """Dense brute force over ``n`` images: text tower + scores + top-k, single and batched."""
+    dim = setup.dual.config.embed_dim
+    gen = torch.Generator().manual_seed(cfg.seed)
+    images = nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=-1)
+    ids = [setup.dual.tokenize([q]) for q in setup.queries]
+    bids = [
+        setup.dual.tokenize(setup.queries[i : i + cfg.batch_size])
+        for i in range(0, len(setup.queries), cfg.batch_size)
+    ]
+
+    @torch.no_grad()
+    def search(x: torch.Tensor) -> torch.Tensor:
+        return torch.topk(setup.dual.encode_texts(x) @ images.T, K, dim=1).indices
+
+    out = {
+        "dense": [functools.partial(search, x) for x in ids],
+        "dense_batched": [functools.partial(search, x) for x in bids],
+    }
+    if faiss is not None:
+        index = faiss.IndexFlatIP(dim)
+        index.add(images.numpy())
+
+        @torch.no_grad()
+        def fsearch(x: torch.Tensor) -> object:
+            return index.search(setup.dual.encode_texts(x).numpy(), K)
+
+        out["faiss"] = [functools.partial(fsearch, x) for x in ids]
+        out["faiss_batched"] = [functools.partial(fsearch, x) for x in bids]
+    return out
+
+
+def _floor(setup: Setup, flops: int, rows: list[dict[str, Any]], cfg: QueryBenchConfig) -> dict:
+    """The arithmetic of one query at the rate of the text model's own matmuls at the shape each
+    mode runs (``num_beams`` rows for one query, ``batch_size * num_beams`` batched; see
+    ``linear_gflops``, measured right after), and how far each search is from it."""
+    text = setup.model.model.text_model
+    rate = linear_gflops(text, rows=cfg.num_beams)
+    rate_batched = linear_gflops(text, rows=cfg.batch_size * cfg.num_beams)
+    floor, floor_batched = flops / rate / 1e6, flops / rate_batched / 1e6
+    grace = statistics.median(r["grace_ms"] for r in rows)
+    batched = statistics.median(r["grace_batched_ms"] for r in rows)
+    return {
+        "gflop_per_query": flops / 1e9,
+        "gflops": rate,
+        "gflops_batched": rate_batched,
+        "floor_ms": floor,
+        "floor_batched_ms": floor_batched,
+        "grace_over_floor": grace / floor,
+        "grace_batched_over_floor": batched / floor_batched,
+    }
+
+
+def crossover(sizes: Sequence[int], grace_ms: Sequence[float], dense_ms: Sequence[float]) -> float:
+    """Catalog size where dense retrieval gets slower than GRACE (``inf``: not up to 1e9).
+
+    Dense cost is fitted as ``a + b * n`` on the two largest sizes (it is linear in ``n`` once
+    the scores dominate); GRACE's is the median over sizes (it is flat).
+    """
+    g = statistics.median(grace_ms)
+    for i, n in enumerate(sizes):
+        if dense_ms[i] >= g:
+            if i == 0:
+                return float(n)
+            n0, d0 = sizes[i - 1], dense_ms[i - 1]
+            return n0 + (g - d0) * (n - n0) / (dense_ms[i] - d0)
+    (n0, n1), (d0, d1) = sizes[-2:], dense_ms[-2:]
+    slope = (d1 - d0) / (n1 - n0)
+    if slope <= 0:
+        return float("inf")
+    at = n1 + (g - d1) / slope
+    return at if at <= 1e9 else float("inf")
+
+
+def _crossovers(rows: list[dict[str, Any]]) -> dict[str, float]:
+    sizes = [r["ids"] for r in rows]
+    out = {}
+    for mode in ("", "_batched"):
+        for dense in ("dense", "faiss"):
+            if f"{dense}{mode}_ms" in rows[0]:
+                out[f"crossover_{dense}{mode}"] = crossover(
+                    sizes,
+                    [r[f"grace{mode}_ms"] for r in rows],
+                    [r[f"{dense}{mode}_ms"] for r in rows],
+                )
+    return out
+
+
+def plot_latency(result: dict[str, Any], path: str | Path) -> Path:
+    """PNG of per-query milliseconds against catalog size (log-log), every series measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    sizes = [r["ids"] for r in rows]
+    labels = {
+        "grace_ms": "GRACE trie beam search",
+        "grace_batched_ms": "GRACE, batched",
+        "generate_ms": "GRACE via generate (before)",
+        "dense_ms": "dense brute force (torch)",
+        "dense_batched_ms": "dense brute force, batched",
+        "faiss_ms": "FAISS flat",
+        "faiss_batched_ms": "FAISS flat, batched",
+    }
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in labels.items():
+        if key in rows[0]:
+            style = "-o" if key.startswith(("grace", "generate")) else "--s"
+            ax.plot(sizes, [r[key] for r in rows], style, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("images in the catalog")
+    ax.set_ylabel("ms per query")
+    ax.set_title(f"Query latency, {result['config']['threads']} thread(s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_to_mlflow(result: dict[str, Any], png: Path, tracking_uri: str | None) -> str:
+    """One MLflow run: the settings as params, every figure as a metric, the plot as artifact."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("grace-bench")
+    with mlflow.start_run(run_name="query-latency") as run:
+        mlflow.log_params({k: str(v) for k, v in result["config"].items()})
+        metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+        mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+        for r in result["rows"]:
+            mlflow.log_metrics(
+                {k: float(v) for k, v in r.items() if k.endswith("_ms")}, step=int(r["ids"])
+            )
+        mlflow.log_artifact(str(png))
+        return run.info.run_id
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def markdown_report(results: list[dict[str, Any]]) -> str:
+    """Tables (one per thread count) and the targets of the issue, met or missed, as markdown."""
+    lines = []
+    for res in results:
+        cfg, rows = res["config"], res["rows"]
+        has_gen, has_faiss = "generate_ms" in rows[0], "faiss_ms" in rows[0]
+        lines += [
+            f"### {cfg['threads']} thread(s): {cfg['queries']} queries, {cfg['num_beams']} beams, "
+            f"batches of {cfg['batch_size']}, medians of {cfg['repeats']} interleaved rounds",
+            "",
+            "Milliseconds per query. *single*: one query per call; *batched*: "
+            f"{cfg['batch_size']} queries per call. *plain*: the same search without the trie.",
+            "",
+        ]
+        head = ["ids", "steps", "GRACE single", "GRACE batched"]
+        if has_gen:
+            head += ["generate single (before)", "speed-up", "generate batched", "speed-up"]
+        head += ["plain single", "trie overhead", "plain batched", "trie overhead"]
+        head += ["dense single", "dense batched"]
+        if has_faiss:
+            head += ["FAISS single", "FAISS batched"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+        for r in rows:
+            cells = [f"{r['ids']:,}", str(r["steps"])]
+            cells += [f"{r['grace_ms']:.2f}", f"{r['grace_batched_ms']:.2f}"]
+            if has_gen:
+                cells += [
+                    f"{r['generate_ms']:.2f}",
+                    f"{r['generate_ms'] / r['grace_ms']:.2f}x",
+                    f"{r['generate_batched_ms']:.2f}",
+                    f"{r['generate_batched_ms'] / r['grace_batched_ms']:.2f}x",
+                ]
+            cells += [
+                f"{r['plain_ms']:.2f}",
+                f"{100 * (r['grace_ms'] / r['plain_ms'] - 1):+.1f} %",
+                f"{r['plain_batched_ms']:.2f}",
+                f"{100 * (r['grace_batched_ms'] / r['plain_batched_ms'] - 1):+.1f} %",
+            ]
+            cells += [f"{r['dense_ms']:.2f}", f"{r['dense_batched_ms']:.2f}"]
+            if has_faiss:
+                cells += [f"{r['faiss_ms']:.2f}", f"{r['faiss_batched_ms']:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        first, last = rows[0], rows[-1]
+        lines += ["", "Targets:"]
+        for mode, label in (("", "single"), ("_batched", "batched")):
+            ratio = last[f"grace{mode}_ms"] / first[f"grace{mode}_ms"]
+            lines.append(
+                f"- GRACE {label} latency({last['ids']:,}) / latency({first['ids']:,}) = "
+                f"{ratio:.2f} (target <= 1.10): {_verdict(ratio <= 1.10)}."
+            )
+        for mode, label in (("", "single"), ("_batched", "batched")):
+            over = statistics.median(r[f"grace{mode}_ms"] / r[f"plain{mode}_ms"] - 1 for r in rows)
+            lines.append(
+                f"- Trie masking overhead, {label} (median over sizes): {100 * over:+.1f} % "
+                f"(target <= 5 %): {_verdict(over <= 0.05)}."
+            )
+        for mode, label in (("", "single"), ("_batched", "batched")):
+            lines.append(
+                f"- Per-query cost against its floor, {label}: "
+                f"{res[f'grace{mode}_over_floor']:.1f}x the floor of "
+                f"{res[f'floor{mode}_ms']:.2f} ms ({res['gflop_per_query']:.3f} GFLOP of linear "
+                f"layers per query at {res[f'gflops{mode}']:.0f} GFLOP/s, the rate of the "
+                "model's own matmuls alone at this shape) (target <= 2x): "
+                f"{_verdict(res[f'grace{mode}_over_floor'] <= 2)}."
+            )
+        for key in sorted(k for k in res if k.startswith("crossover_")):
+            at = res[key]
+            text = "beyond 1e9" if at == float("inf") else f"~{at:,.0f}"
+            what = key.removeprefix("crossover_").replace("_", " ")
+            lines.append(
+                f"- Crossover against {what}: {text} images (target <= 300,000): "
+                f"{_verdict(at <= 300_000)}."
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""The purpose-built trie beam search ranks exactly as ``generate`` with the trie processor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from grace.beam_search import generate_beam_search, trie_beam_search
+from grace.trie import Trie
+
+EOS, PAD = 3, 1
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _ids(n: int, seed: int) -> list[tuple[int, ...]]:
+    rng = np.random.default_rng(seed)
+    ids = {tuple(int(t) for t in rng.integers(4, 60, rng.integers(1, 5))) for _ in range(n)}
+    ids |= {(10, 11), (10, 11, 12), (10, 11, 12, 13)}  # ids that are prefixes of others
+    return sorted(ids)
+
+
+def _prompts() -> dict[str, torch.Tensor]:
+    """Three prompts of lengths 3, 6 and 4, left padded."""
+    ids = torch.tensor(
+        [[PAD, PAD, PAD, 2, 20, 21], [2, 30, 31, 32, 33, 34], [PAD, PAD, 2, 5, 6, 7]]
+    )
+    return {"input_ids": ids, "attention_mask": (ids != PAD).long()}
+
+
+def _both(model, inputs, trie, beams, max_new, fused=True):
+    kw = dict(num_beams=beams, max_new_tokens=max_new, pad_token_id=PAD)
+    return trie_beam_search(model, inputs, trie, fused_steps=fused, **kw), generate_beam_search(
+        model, inputs, trie, **kw
+    )
+
+
+def test_plain_llama_gets_fused_steps(llama):
+    from grace.llama_steps import LlamaSteps
+
+    assert LlamaSteps.of(llama) is not None
+    llama.train()
+    assert LlamaSteps.of(llama) is None  # training: the model's own forward
+    llama.eval()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("n_ids, beams", [(3, 4), (40, 4), (40, 10), (300, 10)])
+def test_same_sequences_and_scores_as_generate(llama, n_ids, beams, fused):
+    ids = _ids(n_ids, seed=n_ids)
+    trie = Trie(ids, eos_token_id=EOS)
+    new, ref = _both(llama, _prompts(), trie, beams, max(map(len, ids)) + 1, fused)
+    width = ref.sequences.shape[2]
+    assert new.sequences.shape[:2] == ref.sequences.shape[:2] == (3, beams)
+    assert torch.equal(new.sequences[..., :width], ref.sequences)
+    assert (new.sequences[..., width:] == PAD).all()
+    torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
+    # and they are real identifiers, best first
+    for row in new.sequences.tolist():
+        assert tuple(row[0][: row[0].index(EOS)]) in set(ids)
+    assert (new.scores[:, :-1] >= new.scores[:, 1:]).all()
+
+
+def test_one_beam_is_greedy_with_a_score(llama):
+    ids = _ids(40, seed=1)
+    trie = Trie(ids, eos_token_id=EOS)
+    new, ref = _both(llama, _prompts(), trie, 1, max(map(len, ids)) + 1)
+    width = ref.sequences.shape[2]
+    assert torch.equal(new.sequences[..., :width], ref.sequences)
+    assert (new.scores < 0).all()  # generate gives greedy search no score; this one keeps it
+
+
+def test_score_is_the_length_normalised_log_probability(llama):
+    ids = _ids(40, seed=2)
+    trie = Trie(ids, eos_token_id=EOS)
+    inputs = {k: v[1:2] for k, v in _prompts().items()}  # unpadded
+    out = trie_beam_search(llama, inputs, trie, num_beams=4, max_new_tokens=6, pad_token_id=PAD)
+    seq = out.sequences[0, 0].tolist()
+    seq = seq[: seq.index(EOS) + 1]
+    full = torch.cat([inputs["input_ids"][0], torch.tensor(seq)])[None]
+    with torch.no_grad():
+        logp = torch.log_softmax(llama(input_ids=full).logits[0, :-1].float(), -1)
+    width = inputs["input_ids"].shape[1]
+    total = sum(logp[width - 1 + j, t] for j, t in enumerate(seq))
+    assert out.scores[0, 0].item() == pytest.approx(total.item() / len(seq), abs=1e-4)
+
+
+def test_no_trie_is_plain_beam_search(llama):
+    out = trie_beam_search(
+        llama, _prompts(), None, num_beams=4, max_new_tokens=3, pad_token_id=PAD, eos_token_id=EOS
+    )
+    assert out.sequences.shape == (3, 4, 3)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        trie_beam_search(llama, _prompts(), None, num_beams=2, max_new_tokens=2, pad_token_id=PAD)
+
+
+@pytest.mark.slow
+def test_grace_model_ranks_alike_with_semantic_ids_and_images(tmp_path):
+    from grace.configuration_grace import TinyBackboneConfig
+    from grace.identifiers import assign_identifiers
+    from grace.modeling_backbone import build_tiny_backbone
+    from grace.modeling_grace import GraceModel
+    from grace.synth import synthesize
+
+    records = synthesize(tmp_path / "d", n=10, seed=3)
+    id_map = assign_identifiers(records, "semantic", params={"id_splits": ["train", "test"]})
+    assert any(len(v) > 1 for v in id_map.ids.values())  # several ids for an image
+    texts = [c for r in records for c in r.captions]
+    model, processor = build_tiny_backbone(texts, TinyBackboneConfig(text_layers=1), seed=1)
+    gm = GraceModel(model, processor, id_map, records)
+    queries = ["a red circle", "two large blue squares on the left of a yellow cross"]
+    images = [Image.open(tmp_path / "d" / r.path).convert("RGB") for r in records[:3]]
+    new = (gm.retrieve(queries, k=5, num_beams=6), gm.recall_identifiers(images, num_beams=3))
+    gm.search = generate_beam_search
+    ref = (gm.retrieve(queries, k=5, num_beams=6), gm.recall_identifiers(images, num_beams=3))
+    for got, want in zip(new[0] + new[1], ref[0] + ref[1], strict=True):
+        got, want = (
+            (got if isinstance(got, list) else [got]),
+            (want if isinstance(want, list) else [want]),
+        )
+        assert [h.key for h in got] == [h.key for h in want]
+        assert [h.identifier for h in got] == [h.identifier for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-4)
+    assert all(len(hits) == len({h.key for h in hits}) for hits in new[0])
+
+
+@pytest.mark.slow
+def test_bench_command_writes_plot_and_logs_to_mlflow(tmp_path, monkeypatch):
+    import json
+
+    import mlflow
+    from typer.testing import CliRunner
+
+    from grace.cli import app
+
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts beside the working directory
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["bench", "--out", "b", "--sizes", "100,2000", "--queries", "2", "--batch-size", "2"]
+    args += ["--repeats", "1", "--beams", "3", "--no-reference", "--mlflow-uri", uri]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b" / "query_latency.png").read_bytes()[:4] == b"\x89PNG"
+    result = json.loads((tmp_path / "b" / "query_latency.json").read_text())
+    assert [r["ids"] for r in result["rows"]] == [100, 2000]
+    assert all(r["grace_ms"] > 0 and r["dense_ms"] > 0 for r in result["rows"])
+    assert "Crossover against dense" in res.output
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["grace-bench"], output_format="list")
+    assert len(runs) == 1
+    assert runs[0].data.metrics["floor_ms"] > 0
+    artifacts = mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)
+    assert [a.path for a in artifacts] == ["query_latency.png"]
