@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export MPLBACKEND := Agg
 
-.PHONY: install demo test lint bench clean
+.PHONY: install system-deps demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -24,7 +24,15 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/grace demo
 
-test: install
+# Debian's chromium: the MLflow UI test screenshots the tracking server with it.
+system-deps:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (apt)"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "warning: chromium missing (sudo apt-get install chromium); the MLflow UI test needs it"; fi; }
+
+test: install system-deps
 	$(VENV)/bin/ruff check grace components pipelines tests bench
 	$(PY) -m pytest -q
 

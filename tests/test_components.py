@@ -1,0 +1,131 @@
+"""Each KFP component's python function, called directly with artifacts in a temp folder.
+
+The same functions run through kfp.local in tests/test_workflow.py (the whole pipeline, and the
+pipeline stopping at validate_data); here each one is checked on its own, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
+
+from components.assign_identifiers import assign_identifiers
+from components.evaluate import evaluate
+from components.memorize import memorize
+from components.register import register
+from components.retrieve import retrieve
+from components.validate_data import validate_data
+from grace.errors import InvalidInputError
+from grace.identifiers import IdentifierMap
+from grace.imageset import scan_image_set
+from grace.modeling_grace import GraceModel
+from grace.synth import synthesize
+from grace.tracking import local_store
+
+pytestmark = pytest.mark.slow
+TRAIN = {"epochs": 1, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    """Every component in pipeline order; each test reads what the chain produced."""
+    tmp = tmp_path_factory.mktemp("components")
+    synthesize(tmp / "src", n=10, seed=4)
+    tracking = local_store(tmp / "mlflow", experiment="components")
+    track = {"tracking_uri": tracking.uri, "experiment": "components", "pipeline_key": "unit"}
+
+    def art(cls, name):
+        return cls(name=name, uri=str(tmp / name), metadata={})
+
+    out = {name: art(cls, name) for name, cls in [
+        ("dataset", Dataset), ("report", HTML), ("result", Artifact), ("ids", Artifact),
+        ("memorized", Model), ("model", Model), ("metrics", Metrics), ("metrics_json", Artifact),
+        ("eval_report", HTML), ("decision", Artifact),
+    ]}  # fmt: skip
+    from grace.tracking import experiment_id
+
+    experiment_id(tracking)  # a SQLite store gets its artifact location up front
+    out["revision"] = validate_data.python_func(
+        source=str(tmp / "src"), rev="", data_dir="data", min_images=1, dataset=out["dataset"],
+        report=out["report"], result=out["result"], **track,
+    )  # fmt: skip
+    assign_identifiers.python_func(
+        dataset=out["dataset"], scheme="numeric", scheme_params={}, embedder_seconds=1.0,
+        identifiers=out["ids"], **track,
+    )  # fmt: skip
+    memorize.python_func(
+        dataset=out["dataset"], identifiers=out["ids"], backbone="tiny", settings=TRAIN,
+        model=out["memorized"], **track,
+    )  # fmt: skip
+    retrieve.python_func(
+        dataset=out["dataset"], identifiers=out["ids"], memorized=out["memorized"],
+        settings=TRAIN, model=out["model"], **track,
+    )  # fmt: skip
+    evaluate.python_func(
+        dataset=out["dataset"], model=out["model"], gallery="all", num_beams=4, dense_seconds=1.0,
+        max_queries=5, metrics=out["metrics"], metrics_json=out["metrics_json"],
+        report=out["eval_report"], **track,
+    )  # fmt: skip
+    out["promoted"] = register.python_func(
+        model=out["model"], metrics_json=out["metrics_json"], dataset=out["dataset"],
+        model_name="unit", gate_metric="grace_R@10", gate_tolerance=0.01, min_memorization=0.0,
+        decision=out["decision"], **track,
+    )  # fmt: skip
+    out["src"] = tmp / "src"
+    return out
+
+
+def test_validate_data_materializes_the_set_and_its_report(steps):
+    ds = Path(steps["dataset"].path)
+    assert {p.name for p in ds.iterdir()} >= {"images", "captions.jsonl", "manifest.parquet"}
+    assert steps["revision"] == "folder" and steps["dataset"].metadata["images"] == 10
+    assert "PASSED" in Path(steps["report"].path).read_text()
+    assert json.loads(Path(steps["result"].path).read_text())["summary"]["success"] is True
+
+
+def test_validate_data_refuses_bad_rows_and_leaves_no_dataset(tmp_path):
+    synthesize(tmp_path / "bad", n=4, seed=1)
+    bad_row = len((tmp_path / "bad" / "captions.jsonl").read_text().splitlines()) + 1
+    with open(tmp_path / "bad" / "captions.jsonl", "a") as f:
+        f.write('{"image": "../../etc/passwd", "caption": "x"}\n')
+    dataset = Dataset(name="dataset", uri=str(tmp_path / "ds"), metadata={})
+    with pytest.raises(InvalidInputError) as err:
+        validate_data.python_func(
+            source=str(tmp_path / "bad"), rev="", data_dir="data", min_images=1,
+            dataset=dataset, report=HTML(name="r", uri=str(tmp_path / "r.html"), metadata={}),
+            result=Artifact(name="j", uri=str(tmp_path / "r.json"), metadata={}),
+            tracking_uri="", experiment="x", pipeline_key="k",
+        )  # fmt: skip
+    assert [(p.row, p.rule) for p in err.value.problems] == [(bad_row, "inside-images")]
+    assert not (tmp_path / "ds").exists()
+    assert "FAILED" in (tmp_path / "r.html").read_text()
+
+
+def test_assign_identifiers_gives_every_image_one_id(steps):
+    ids = IdentifierMap.load(steps["ids"].path)
+    keys = {r.key for r in scan_image_set(steps["src"])}
+    assert set(ids.ids) == keys and steps["ids"].metadata["identifiers"] == 10
+
+
+def test_training_components_chain_memorize_into_retrieve(steps):
+    assert steps["memorized"].metadata["stage"] == "memorize"
+    assert steps["model"].metadata["stage"] == "retrieve" and steps["model"].metadata["steps"] > 0
+    gm = GraceModel.load(steps["model"].path)
+    assert gm.info["train_config"]["retrieve_task"] is True
+    assert gm.info["train_config"]["backbone"] == steps["memorized"].path
+
+
+def test_evaluate_logs_kfp_metrics_and_writes_report(steps):
+    written = json.loads(Path(steps["metrics_json"].path).read_text())
+    assert steps["metrics"].metadata == pytest.approx(written)
+    assert {"grace_R@10", "dense_R@10", "memorization"} <= set(written)
+    assert "GRACE evaluation" in Path(steps["eval_report"].path).read_text()
+
+
+def test_register_returns_the_gate_decision(steps):
+    decision = json.loads(Path(steps["decision"].path).read_text())
+    assert steps["promoted"] is decision["promoted"] is True
+    assert steps["decision"].metadata == {"version": decision["version"], "promoted": True}
