@@ -7,8 +7,11 @@ and say how to open the MLflow UI.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,7 @@ def run_demo(
     import pandas as pd
 
     from grace.imageset import scan_image_set, summarize
-    from grace.registry import load_pyfunc
+    from grace.registry import champion_of, load_pyfunc
     from grace.synth import synthesize
     from grace.tracking import local_store
     from grace.versioning import cache_workspace
@@ -66,9 +69,15 @@ def run_demo(
 
     tracking = local_store(work / "mlflow", experiment="grace-demo")
     args = demo_arguments(repo, rev, data, tracking.uri, train_seconds)
-    echo(f"== training pipeline through kfp.local (root {work / 'pipeline_root'})")
+    log = work / "pipeline.log"
+    echo(f"== training pipeline through kfp.local (root {work / 'pipeline_root'}, log {log})")
     t_pipe = time.perf_counter()
-    out = run_local(args, work)
+    try:
+        with _output_to(log):
+            out = run_local(args, work)
+    except Exception:
+        echo("".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]))
+        raise
     echo(f"   finished in {time.perf_counter() - t_pipe:.0f} s; champion moved: {out['output']}")
 
     mlflow.set_tracking_uri(tracking.uri)
@@ -85,8 +94,11 @@ def run_demo(
 
     queries = [r.captions[0] for r in records if r.split == "test" and r.captions][:DEMO_QUERIES]
     gold = {r.captions[0]: r.path for r in records if r.captions}
-    echo("\n== searches with models:/grace@champion")
-    model = load_pyfunc("models:/grace@champion")
+    alias = "champion" if champion_of("grace") else "challenger"
+    if alias != "champion":
+        echo("\n(the gate refused this model and there is no earlier champion: its challenger)")
+    echo(f"\n== searches with models:/grace@{alias}")
+    model = load_pyfunc(f"models:/grace@{alias}")
     frame = model.predict(pd.DataFrame({"query": queries}), params={"k": 5})
     for q in queries:
         echo(f"   {q!r}  (gold {gold[q]})")
@@ -98,6 +110,27 @@ def run_demo(
     echo("   then open http://127.0.0.1:5000 (experiment grace-demo, model grace)")
     echo(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     return {"pipeline": out, "metrics": dict(m), "results": frame}
+
+
+@contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout/stderr, and so every task subprocess's, to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def _latest_pipeline_run(uri: str, experiment: str):
