@@ -83,8 +83,18 @@ def run_demo(
     mlflow.set_tracking_uri(tracking.uri)
     parent = _latest_pipeline_run(tracking.uri, "grace-demo")
     echo("\n== step times (MLflow nested runs)")
-    for step, seconds in _step_times(tracking.uri, parent.info.run_id):
-        echo(f"   {step:20s} {seconds:7.1f} s")
+    steps = _step_runs(tracking.uri, parent.info.run_id)
+    for run in steps:
+        seconds = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
+        echo(f"   {run.info.run_name:20s} {seconds:7.1f} s")
+    ids = next((r for r in steps if r.info.run_name == "assign_identifiers"), None)
+    if ids is not None:
+        stats = ", ".join(
+            f"{k}={ids.data.metrics[k]:g}"
+            for k in ("identifiers", "tokens_per_id_mean", "trie_nodes", "trie_bytes")
+            if k in ids.data.metrics
+        )
+        echo(f"\n== identifiers ({args['id_scheme']}): {stats}")
     m = parent.data.metrics
     echo("\n== evaluation (held-out captions of test images; gallery = all images)")
     for name in ("grace_R_at_1", "grace_R_at_5", "grace_R_at_10", "dense_R_at_10", "memorization"):
@@ -149,14 +159,11 @@ def _latest_pipeline_run(uri: str, experiment: str):
     return next(r for r in runs if PIPELINE_KEY_TAG in r.data.tags)
 
 
-def _step_times(uri: str, parent_id: str) -> list[tuple[str, float]]:
+def _step_runs(uri: str, parent_id: str) -> list:
+    """The parent's nested runs, in the order they started."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_run(parent_id).info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    rows = [
-        (c.info.run_name, ((c.info.end_time or c.info.start_time) - c.info.start_time) / 1000)
-        for c in children
-    ]
-    return sorted(rows, key=lambda r: [c.info.run_name for c in children].index(r[0]))[::-1]
+    return sorted(children, key=lambda c: c.info.start_time)
