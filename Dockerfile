@@ -27,6 +27,7 @@ COPY pyproject.toml README.md ./
 COPY grace ./grace
 COPY components ./components
 COPY pipelines ./pipelines
+COPY configs ./configs
 RUN pip install --no-cache-dir . && mkdir -p /opt/grace/torch_extensions
 RUN useradd --create-home --uid 1000 grace && chown -R grace /opt/grace/torch_extensions
 USER grace
