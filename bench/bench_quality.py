@@ -186,7 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=300.0, help="GRACE training budget per run")
     p.add_argument("--dense-seconds", type=float, help="dual encoder budget (default: --seconds)")
     p.add_argument("--schemes", default=",".join(SCHEMES), help=f"some of {SCHEMES}")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on 2 cores shared with other jobs, 2 threads oversubscribe)",
+    )
     p.add_argument("--max-queries", type=int, help="score only the first N held-out queries")
     p.add_argument(
         "--set",
