@@ -64,6 +64,9 @@ class TrainConfig:
     pseudo_queries: bool = True  # images without train captions get generated queries
     pseudo_query_epoch: int = 0  # epoch at whose start pseudo-queries are generated (0: off)
     pseudo_queries_per_image: int = 1
+    # task mix per epoch
+    memorize_repeats: int = 1  # each image's memorize example appears this many times
+    side_task_captions: int | None = None  # captions per image for describe/caption (None: all)
     # optimisation
     epochs: int = 40
     batch_size: int = 32
@@ -85,8 +88,10 @@ class TrainConfig:
             self.tiny = TinyBackboneConfig(**_typed(TinyBackboneConfig, self.tiny))
         if isinstance(self.prompts, dict):
             self.prompts = Prompts(**self.prompts)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.memorize_repeats < 1:
+            raise ValueError("epochs, batch_size and memorize_repeats must be >= 1")
+        if self.side_task_captions is not None and self.side_task_captions < 1:
+            raise ValueError("side_task_captions must be >= 1 (or None for all captions)")
         if self.pseudo_query_epoch >= self.epochs:
             raise ValueError(
                 f"pseudo_query_epoch {self.pseudo_query_epoch} must be < epochs {self.epochs}"

@@ -105,10 +105,16 @@ def build_examples(
     prompts: Prompts,
     tasks: Sequence[str] = TASKS,
     pseudo_queries: dict[str, list[str]] | None = None,
+    memorize_repeats: int = 1,
+    side_task_captions: int | None = None,
 ) -> list[Example]:
     """Every example of the requested tasks. Queries and descriptions use train-split captions
     only (held-out captions are the evaluation's); ``pseudo_queries`` (key -> texts) add
-    retrieve examples for images that have none."""
+    retrieve examples for images that have none.
+
+    The task mix: each memorize example appears ``memorize_repeats`` times, and describe and
+    caption use only the first ``side_task_captions`` captions of an image (None: all), so a
+    short budget is not spent mostly on the side tasks."""
     eos = tokenizer_of(processor).eos_token_id
     position = {r.key: i for i, r in enumerate(images.records)}
     ids_of: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
@@ -131,9 +137,11 @@ def build_examples(
         i = position[r.key]
         canonical = live[0][1] + (eos,)
         captions = list(r.captions) if r.split == "train" else []
+        side = captions[:side_task_captions] if side_task_captions is not None else captions
         if "memorize" in tasks:
             p = images.prompt_ids(mem_prompt, i)
-            out += [Example("memorize", p + seq + (eos,), len(p), i) for _, seq in live]
+            mem = [Example("memorize", p + seq + (eos,), len(p), i) for _, seq in live]
+            out += mem * memorize_repeats
         if "retrieve" in tasks:
             queries = captions + list((pseudo_queries or {}).get(r.key, []))
             for q in queries:
@@ -143,10 +151,10 @@ def build_examples(
             p = text_ids(
                 user_turn(processor, prompts.describe.format(identifier=live[0][0]), False)
             )
-            out += [Example("describe", p + answer_ids(processor, c), len(p)) for c in captions]
-        if "caption" in tasks and captions:
+            out += [Example("describe", p + answer_ids(processor, c), len(p)) for c in side]
+        if "caption" in tasks and side:
             p = images.prompt_ids(cap_prompt, i)
-            out += [Example("caption", p + answer_ids(processor, c), len(p), i) for c in captions]
+            out += [Example("caption", p + answer_ids(processor, c), len(p), i) for c in side]
     return out
 
 

@@ -71,7 +71,11 @@ def train(
         tasks += ["describe"] if cfg.describe_task else []
         tasks += ["caption"] if cfg.caption_task else []
         pseudo: dict[str, list[str]] | None = state.get("pseudo_queries")
-        examples = build_examples(live, index, processor, images, cfg.prompts, tasks)
+        mix = {
+            "memorize_repeats": cfg.memorize_repeats,
+            "side_task_captions": cfg.side_task_captions,
+        }
+        examples = build_examples(live, index, processor, images, cfg.prompts, tasks, **mix)
         needy = [r for r in live if not (r.split == "train" and r.captions)]
         use_pseudo = (
             cfg.retrieve_task
@@ -84,7 +88,9 @@ def train(
         extra = len(needy) * cfg.pseudo_queries_per_image if use_pseudo else 0
         total = _total_steps(examples, cfg, extra)
         if pseudo is not None:
-            examples = build_examples(live, index, processor, images, cfg.prompts, tasks, pseudo)
+            examples = build_examples(
+                live, index, processor, images, cfg.prompts, tasks, pseudo, **mix
+            )
 
         engine = make_engine(
             model,
@@ -96,6 +102,7 @@ def train(
             micro_batch_size=cfg.batch_size,
         )
         step, epoch, first_batch = state["step"], state["epoch"], state["batch"]
+        spent = float(state.get("seconds", 0.0))  # training time of the run before a resume
         if step:
             engine.load_checkpoint(out / "checkpoints" / f"step-{step:08d}" / "engine")
         engine.model.train()
@@ -109,12 +116,12 @@ def train(
             if use_pseudo and pseudo is None and epoch >= cfg.pseudo_query_epoch:
                 pseudo = _pseudo_queries(engine.model, processor, id_map, live, needy, images, cfg)
                 examples = build_examples(
-                    live, index, processor, images, cfg.prompts, tasks, pseudo
+                    live, index, processor, images, cfg.prompts, tasks, pseudo, **mix
                 )
                 engine.model.train()
             plan = plan_epoch(examples, cfg.batch_size, seed=cfg.seed * 100_003 + epoch)
             for b in range(first_batch, len(plan)):
-                lr = _lr(step, total, cfg)
+                lr = _lr(step, total, cfg, spent + time.perf_counter() - t0)
                 engine.set_lr(lr)
                 batch_examples = [examples[n] for n in plan[b]]
                 batch = collate(batch_examples, images, tok.pad_token_id)
@@ -140,10 +147,12 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
                 position = (epoch, b + 1) if b + 1 < len(plan) else (epoch + 1, 0)
-                out_of_time = cfg.max_seconds is not None and elapsed >= cfg.max_seconds
+                out_of_time = cfg.max_seconds is not None and spent + elapsed >= cfg.max_seconds
                 stopped = out_of_time or (stop_after_steps is not None and step >= stop_after_steps)
                 if stopped or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                    _save_checkpoint(engine, out, step, position, pseudo, cfg.keep_checkpoints)
+                    _save_checkpoint(
+                        engine, out, step, position, pseudo, cfg.keep_checkpoints, spent + elapsed
+                    )
                 if stopped:
                     break
             else:
@@ -204,7 +213,9 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _save_checkpoint(engine, out: Path, step: int, position, pseudo, keep: int) -> None:
+def _save_checkpoint(
+    engine, out: Path, step: int, position, pseudo, keep: int, seconds: float
+) -> None:
     """All ranks write their shards into one hidden folder; the main rank adds the loop position
     and renames it into place, so a reader finds a whole checkpoint or none."""
     target = out / "checkpoints" / f"step-{step:08d}"
@@ -218,7 +229,9 @@ def _save_checkpoint(engine, out: Path, step: int, position, pseudo, keep: int) 
         engine.barrier()
         if engine.is_main:
             where = {"step": step, "epoch": position[0], "batch": position[1]}
-            write_json(partial / STATE_FILE, {**where, "pseudo_queries": pseudo})
+            write_json(
+                partial / STATE_FILE, {**where, "pseudo_queries": pseudo, "seconds": seconds}
+            )
             replace_dir(partial, target)
             for old in sorted((out / "checkpoints").glob("step-*"))[: -max(keep, 1)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -242,11 +255,17 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def _lr(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 0 (without decay the tiny model plateaus)."""
+def _lr(step: int, total: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 0 (without decay the tiny model plateaus).
+
+    With a wall-clock budget the decay follows whichever runs out first, steps or seconds, so a
+    run stopped by ``max_seconds`` still ends annealed instead of at its peak learning rate.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.max_seconds:
+        frac = max(frac, seconds / cfg.max_seconds)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
 

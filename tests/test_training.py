@@ -4,6 +4,7 @@ same weights after an interruption, writes checkpoints atomically, and trains un
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -221,12 +222,15 @@ def test_every_rank_writes_its_shards_into_the_same_checkpoint_folder(tmp_path):
     """A per-rank temporary folder would keep only one rank's optimizer shards: the run could
     not resume. All ranks save into one hidden folder that only rank 0 renames into place."""
     main, other = RankEngine(is_main=True), RankEngine(is_main=False)
-    training_grace._save_checkpoint(main, tmp_path, 7, (0, 7), None, keep=2)
+    training_grace._save_checkpoint(main, tmp_path, 7, (0, 7), None, keep=2, seconds=1.5)
     assert main.calls == ["barrier", "save .step-00000007.partial", "barrier", "barrier"]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000007"]
-    assert (tmp_path / "checkpoints" / "step-00000007" / training_grace.STATE_FILE).is_file()
+    state = json.loads(
+        (tmp_path / "checkpoints" / "step-00000007" / training_grace.STATE_FILE).read_text()
+    )
+    assert state["step"] == 7 and state["seconds"] == 1.5  # a resumed run keeps its time budget
     (tmp_path / "checkpoints" / ".step-00000008.partial").mkdir()  # as rank 0 makes it
-    training_grace._save_checkpoint(other, tmp_path, 8, (0, 8), None, keep=2)
+    training_grace._save_checkpoint(other, tmp_path, 8, (0, 8), None, keep=2, seconds=2.0)
     assert other.calls == main.calls[:1] + ["save .step-00000008.partial", "barrier", "barrier"]
     assert training_grace._latest_checkpoint(tmp_path).name == "step-00000007"  # rank 0's job
 
