@@ -124,7 +124,8 @@ def training_set(
     """New and refreshed images, plus a seeded sample of the other old images (``plan.replay``)."""
     focus = set(plan.added) | set(plan.refreshed)
     old = [r for r in records if r.key not in focus and r.key in set(plan.kept)]
-    want = max(round(replay.ratio * len(focus)), replay.minimum) if focus else 0
+    # int(): settings that crossed KFP (a protobuf Struct) arrive as floats
+    want = max(round(replay.ratio * len(focus)), int(replay.minimum)) if focus else 0
     sample = random.Random(replay.seed).sample(old, min(want, len(old)))
     plan.replay = [r.key for r in sample]
     chosen = focus | set(plan.replay)
