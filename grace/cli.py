@@ -518,6 +518,7 @@ from grace import cli_workflow  # noqa: E402
 app.add_typer(cli_workflow.pipeline_app, name="pipeline")
 app.command("search")(cli_workflow.search)
 app.command("demo")(cli_workflow.demo)
+app.command("watch")(cli_workflow.watch)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -194,3 +194,48 @@ def demo(
         run_ids_demo(data=data, work=work, echo=typer.echo)
     else:
         run_demo(data=data, work=work, train_seconds=seconds, echo=typer.echo)
+
+
+@reports_errors
+def watch(
+    data_repo: Annotated[str, typer.Option(help="Git+DVC repository to watch (path or URL).")],
+    branch: Annotated[str, typer.Option(help="Branch whose new data revisions run.")] = "main",
+    state: Annotated[Path, typer.Option(help="State file: revisions already handled.")] = Path(
+        "work/watch/state.json"
+    ),
+    local: Annotated[bool, typer.Option("--local", help="Run the pipeline here.")] = False,
+    host: Annotated[str | None, typer.Option(help="KFP endpoint to submit to instead.")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Poll once and exit.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 300.0,
+    work: Annotated[Path, typer.Option(help="Pipeline roots of local runs.")] = Path("work/watch"),
+    tracking_uri: TrackingOpt = None,
+    param: ParamOpt = None,
+    pipeline: NameOpt = "incremental",
+    experiment: str = "grace",
+    namespace: str | None = None,
+) -> None:
+    """Run the incremental pipeline once per new data revision of a branch (restart-safe)."""
+    from grace.tracking import local_store
+    from grace.watching import Watcher
+
+    if local == (host is not None):
+        raise typer.BadParameter("give exactly one of --local and --host")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if local and not uri:
+        uri = local_store(work / "mlflow").uri
+
+    def trigger(sha: str) -> Any:
+        args = _arguments(param, data_repo, sha, uri)
+        if local:
+            from pipelines.operations import run_local
+
+            return run_local(args, work / sha[:12], pipeline)["output"]
+        from pipelines.operations import submit
+
+        return submit(
+            host, args, name=pipeline, experiment=experiment, namespace=namespace,
+            run_name=f"{pipeline}-{sha[:12]}",
+        )  # fmt: skip
+
+    watcher = Watcher(data_repo, state, trigger, branch=branch)
+    watcher.run(interval, echo=typer.echo, max_polls=1 if once else None)

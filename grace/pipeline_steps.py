@@ -287,9 +287,13 @@ def register(
     *,
     model_name: str = "grace",
     gate: Any = None,
+    extra_tags: dict[str, str] | None = None,
     ctx: StepContext = StepContext(),
 ) -> dict[str, Any]:
-    """Register the model, alias it ``challenger``, and ``champion`` if the gate passes."""
+    """Register the model, alias it ``challenger``, and ``champion`` if the gate passes.
+
+    ``gate`` is a ``Gate`` (or an ``IncrementalGate``); ``extra_tags`` go on the version too.
+    """
     from grace.identifiers import IdentifierMap
     from grace.modeling_grace import IDS_FILE
     from grace.registry import Gate
@@ -306,6 +310,7 @@ def register(
         "data.source": revision["source"],
         "id_scheme": scheme,
         "pipeline_run": ctx.pipeline_key,
+        **(extra_tags or {}),
     }
     with step_run(
         ctx.tracking, ctx.pipeline_key, "register", _flat({"gate": vars(gate)}), True
@@ -319,6 +324,256 @@ def register(
         )
         run.log_metrics({"promoted": float(reg.decision.promote)}, on_parent=True)
     return decision
+
+
+# ---- incremental: diff_data -> validate_data -> incremental_train -> evaluate -> register -----
+BASE_TAG = "grace.base_model_version"
+
+
+def diff_data(
+    data_repo: str,
+    data_rev: str,
+    base_model: str,
+    out_diff: str | os.PathLike,
+    *,
+    data_dir: str = "data",
+    ctx: StepContext = StepContext(),
+) -> dict[str, Any]:
+    """What changed in the data since the base model's revision (its ``data.revision`` tag).
+
+    Cheap (DVC's file hashes, no image download), so a scheduled run can stop here when
+    ``changes`` is 0. The base model is pinned to a version: later steps use that version even
+    if the alias moves meanwhile. A base trained from a plain folder cannot be diffed by
+    revision: ``changes`` is then -1 (unknown) and training works the change out by image key.
+    """
+    from grace.registry import resolve_model
+    from grace.versioning import diff
+
+    if not ctx.tracking.enabled:
+        raise GraceError("diff_data needs an MLflow tracking URI (the base model is registered)")
+    params = {"base_model": base_model, "data_rev": data_rev, "data_dir": data_dir}
+    with step_run(ctx.tracking, ctx.pipeline_key, "diff_data", params) as run:
+        name, version, tags, run_id = resolve_model(base_model)
+        base_rev = tags.get("data.revision", "")
+        revision = _resolve_rev(data_repo, data_rev) if data_rev else "folder"
+        out: dict[str, Any] = {
+            "base_model": f"models:/{name}/{version}",
+            "base_version": version,
+            "base_revision": base_rev,
+            "revision": revision,
+        }
+        if base_rev in ("", "folder") or revision == "folder":
+            out.update(changes=-1, diffable=False)
+        else:
+            d = diff(data_repo, base_rev, revision, data_dir=data_dir)
+            out.update(d.to_dict(), diffable=True)
+            out["changes"] = len(d.added) + len(d.removed) + len(d.modified)
+        write_json(out_diff, out)
+        run.set_tags(
+            {BASE_TAG: f"{name}/{version}", "grace.base_model_run": run_id}, on_parent=True
+        )
+        run.set_tags({"grace.data_changes": out["changes"]}, on_parent=True)
+        run.log_metrics(
+            {k: len(out.get(k, ())) for k in ("added", "removed", "modified")}
+            | {"changes": out["changes"]},
+            on_parent=True,
+        )
+        run.log_artifact(out_diff, "incremental/diff.json")
+    return out
+
+
+def no_change(diff_json: str | os.PathLike, *, ctx: StepContext = StepContext()) -> bool:
+    """The no-op end of a run whose data did not change: say so and close the parent run."""
+    found = json.loads(Path(diff_json).read_text())
+    with step_run(ctx.tracking, ctx.pipeline_key, "no_change", None, True) as run:
+        run.set_tags({"grace.noop": "true"}, on_parent=True)
+        run.log_metrics({"promoted": 0.0}, on_parent=True)
+    print(f"data at {found['revision']} unchanged since {found['base_model']}: nothing to do")
+    return False
+
+
+def incremental_train(
+    dataset_dir: str | os.PathLike,
+    base_model: str,
+    out_model: str | os.PathLike,
+    out_plan: str | os.PathLike,
+    *,
+    settings: dict[str, Any] | None = None,
+    replay: dict[str, Any] | None = None,
+    embedder: str = "dual-encoder",
+    embedder_seconds: float = 60.0,
+    ctx: StepContext = StepContext(),
+) -> dict[str, Any]:
+    """Extend/retire identifiers of the base model and continue its training on the new images
+    plus a replay sample of old ones (no training at all when images were only removed)."""
+    from grace.configuration_grace import TrainConfig
+    from grace.incremental import ReplayConfig, continue_training, plan_update, update_identifiers
+    from grace.modeling_grace import GraceModel
+    from grace.registry import download_grace_model, resolve_model
+
+    records = _records(dataset_dir)
+    cfg = TrainConfig.from_dict({**(settings or {}), "backbone": "tiny"})
+    replay_cfg = ReplayConfig(**(replay or {}))
+    step_params = {**_flat(cfg.to_dict()), "base_model": base_model, **_flat({"replay": replay})}
+    step_params.pop("backbone")
+    out_model = Path(out_model)
+    with step_run(ctx.tracking, ctx.pipeline_key, "incremental_train", step_params) as run:
+        name, version, _, _ = resolve_model(base_model)
+        logger = MetricsLogger(run)
+        out_model.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".base-") as tmp:
+            base_dir = download_grace_model(name, version, tmp)
+            base = GraceModel.load(base_dir)
+            plan = plan_update(base, records)
+            emb = None
+            if plan.added and base.id_map.scheme == "structured":
+                from grace.embedding import make_embedder
+
+                emb = make_embedder(
+                    embedder, records, dataset_dir, max_seconds=embedder_seconds, progress=False
+                )
+            id_map = update_identifiers(base.id_map, plan, records, embedder=emb, root=dataset_dir)
+            del base
+            gm = continue_training(
+                base_dir, records, dataset_dir, id_map, plan, out_model, cfg, replay_cfg, logger
+            )
+        logger.flush()
+        write_json(out_plan, {"base_model": f"models:/{name}/{version}", **plan.to_dict()})
+        run.log_artifact(out_plan, "incremental/plan.json")
+        counts = plan.summary()
+        summary = {**counts, "steps": gm.info["steps"], "complete": gm.info["complete"]}
+        run.log_metrics({f"images_{k}": v for k, v in counts.items()}, on_parent=True)
+        run.log_metrics({"steps": summary["steps"], "complete": float(summary["complete"])})
+        if logger.history:
+            run.log_png(logger.loss_figure("incremental: loss per task"), "incremental_loss.png")
+    return summary
+
+
+def evaluate_incremental(
+    dataset_dir: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    plan_json: str | os.PathLike,
+    out_metrics: str | os.PathLike,
+    out_report: str | os.PathLike,
+    *,
+    num_beams: int = 10,
+    max_queries: int | None = None,
+    ctx: StepContext = StepContext(),
+) -> dict[str, float]:
+    """Old-image and new-image recall/memorization of the candidate, and of the base model on
+    the same old images, side by side (metrics, a chart and a table on the parent run)."""
+    from grace.incremental import UpdatePlan, evaluate_old_new
+    from grace.modeling_grace import GraceModel
+    from grace.registry import download_grace_model, resolve_model
+
+    records = _records(dataset_dir)
+    stored = json.loads(Path(plan_json).read_text())
+    plan = UpdatePlan.from_dict(stored)
+    params = {
+        "num_beams": num_beams,
+        "max_queries": max_queries,
+        "base_model": stored["base_model"],
+    }
+    with step_run(ctx.tracking, ctx.pipeline_key, "evaluate_incremental", params) as run:
+        name, version, _, _ = resolve_model(stored["base_model"])
+        with tempfile.TemporaryDirectory() as tmp:
+            base = GraceModel.load(download_grace_model(name, version, tmp))
+        metrics = evaluate_old_new(
+            GraceModel.load(model_dir),
+            records,
+            dataset_dir,
+            plan,
+            base=base,
+            num_beams=num_beams,
+            max_queries=max_queries,
+        )
+        write_json(out_metrics, metrics)
+        write_text(out_report, _old_new_html(metrics, plan))
+        run.log_metrics(metrics, on_parent=True)
+        run.log_artifact(out_metrics, "evaluation/metrics.json")
+        run.log_artifact(out_report, "evaluation/old_vs_new.html")
+        run.log_png(_old_new_figure(metrics), "old_vs_new_recall.png", True)
+    return metrics
+
+
+def register_incremental(
+    model_dir: str | os.PathLike,
+    metrics_json: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    plan_json: str | os.PathLike,
+    out_decision: str | os.PathLike,
+    *,
+    model_name: str = "grace",
+    gate: Any = None,
+    ctx: StepContext = StepContext(),
+) -> dict[str, Any]:
+    """``register`` with the incremental gate, the version linked to the base it started from."""
+    from dataclasses import replace
+
+    from grace.registry import IncrementalGate, resolve_model
+
+    base = json.loads(Path(plan_json).read_text())["base_model"]
+    _, version, _, run_id = resolve_model(base)
+    gate = replace(gate or IncrementalGate(), base_version=version)
+    tags = {"base_model": base, "base_model_run": run_id, "incremental": "true"}
+    return register(
+        model_dir,
+        metrics_json,
+        dataset_dir,
+        out_decision,
+        model_name=model_name,
+        gate=gate,
+        extra_tags=tags,
+        ctx=ctx,
+    )
+
+
+def _old_new_rows(m: dict[str, float]) -> list[tuple[str, list[float | None]]]:
+    keys = ["grace_R@1", "grace_R@5", "grace_R@10", "memorization"]
+    return [
+        (label, [m.get(prefix + k) for k in keys])
+        for label, prefix in (
+            ("base, old images", "base_old_"),
+            ("candidate, old images", "old_"),
+            ("candidate, new images", "new_"),
+        )
+    ]
+
+
+def _old_new_html(m: dict[str, float], plan) -> str:
+    cells = "".join(
+        f"<tr><td>{label}</td>"
+        + "".join(f"<td>{'' if v is None else f'{v:.3f}'}</td>" for v in values)
+        + "</tr>"
+        for label, values in _old_new_rows(m)
+    )
+    counts = ", ".join(f"{k}: {v}" for k, v in plan.summary().items())
+    return (
+        "<!doctype html><meta charset='utf-8'><title>old vs new images</title>"
+        f"<h1>Incremental update: old vs new images</h1><p>{counts}</p>"
+        "<table border=1 cellpadding=4><tr><th></th><th>R@1</th><th>R@5</th><th>R@10</th>"
+        f"<th>memorization</th></tr>{cells}</table>"
+    )
+
+
+def _old_new_figure(m: dict[str, float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["R@1", "R@5", "R@10", "memorization"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = _old_new_rows(m)
+    width = 0.8 / len(rows)
+    for n, (label, values) in enumerate(rows):
+        xs = [i + n * width for i in range(len(labels))]
+        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=label)
+    ax.set_xticks([i + width for i in range(len(labels))], labels)
+    ax.set(ylim=(0, 1.05), title="old vs new images")
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 # ---- shared ----------------------------------------------------------------------------------

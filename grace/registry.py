@@ -41,6 +41,28 @@ class Gate:
             raise ValueError("gate tolerance must be >= 0")
 
 
+@dataclass(frozen=True)
+class IncrementalGate:
+    """When an incrementally trained candidate may replace the champion it started from.
+
+    The new images must be memorized (``new_memorization`` >= ``min_new_memorization``) and
+    retrievable (``new_<metric>`` >= ``min_new_metric``), and old-image ``metric`` may drop by
+    at most ``old_tolerance`` (absolute: 0.01 = one point) against the base model measured on
+    the same old images (``base_old_<metric>``). ``base_version``: the champion it started
+    from; if ``champion`` moved meanwhile, the comparison is stale and nothing is promoted.
+    """
+
+    metric: str = "grace_R@10"
+    old_tolerance: float = 0.01
+    min_new_memorization: float = 0.9
+    min_new_metric: float = 0.0
+    base_version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.old_tolerance < 0:
+            raise ValueError("gate old_tolerance must be >= 0")
+
+
 @dataclass
 class GateDecision:
     promote: bool
@@ -93,6 +115,42 @@ def check_gate(
     return GateDecision(ok, reasons, champion_version)
 
 
+def check_incremental_gate(
+    metrics: dict[str, float], gate: IncrementalGate, champion_version: str | None = None
+) -> GateDecision:
+    """Decide on an incremental candidate from its old/new metrics (``evaluate_old_new``)."""
+    ok, reasons = True, []
+    if gate.base_version is not None and champion_version != gate.base_version:
+        ok = False
+        reasons.append(
+            f"champion is v{champion_version}, not base v{gate.base_version}: comparison stale"
+        )
+    if "new_images" not in metrics:
+        reasons.append("no new images")
+    else:
+        mem = metrics.get("new_memorization", 0.0)
+        ok &= mem >= gate.min_new_memorization
+        sign = ">=" if mem >= gate.min_new_memorization else "<"
+        reasons.append(f"new_memorization {mem:.4f} {sign} {gate.min_new_memorization:.4f}")
+        new_key = f"new_{gate.metric}"
+        if metrics.get("new_queries", 0) and new_key in metrics:
+            value = metrics[new_key]
+            ok &= value >= gate.min_new_metric
+            sign = ">=" if value >= gate.min_new_metric else "<"
+            reasons.append(f"{new_key} {value:.4f} {sign} floor {gate.min_new_metric:.4f}")
+    old_key, base_key = f"old_{gate.metric}", f"base_old_{gate.metric}"
+    if old_key in metrics and base_key in metrics and metrics.get("old_queries", 0):
+        value, bar = metrics[old_key], metrics[base_key] - gate.old_tolerance
+        ok &= value >= bar
+        sign = ">=" if value >= bar else "<"
+        reasons.append(
+            f"{old_key} {value:.4f} {sign} base {metrics[base_key]:.4f} - {gate.old_tolerance:.4f}"
+        )
+    else:
+        reasons.append(f"no old-image queries to compare {gate.metric} on")
+    return GateDecision(bool(ok), reasons, champion_version)
+
+
 @dataclass
 class Registration:
     name: str
@@ -108,6 +166,44 @@ class Registration:
             "promoted": self.decision.promote,
             **self.decision.to_dict(),
         }
+
+
+def resolve_model(uri: str) -> tuple[str, str, dict[str, str], str]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version, tags, run id)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/"):
+        raise GraceError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    ref = uri[len("models:/") :]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+    except (MlflowException, ValueError) as e:
+        raise GraceError(f"cannot resolve {uri}: {str(e).splitlines()[0]}") from e
+    return name, str(mv.version), dict(mv.tags), mv.run_id or ""
+
+
+def download_grace_model(name: str, version: str, dst: str | os.PathLike) -> Path:
+    """The saved GraceModel folder of a registered version (its pyfunc's weights artifact)."""
+    import mlflow
+
+    from grace import mlflow_model
+    from grace.modeling_grace import GRACE_FILE
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dst))
+    found = local / "artifacts" / mlflow_model.ARTIFACT
+    if not (found / GRACE_FILE).is_file():
+        hits = sorted(p.parent for p in local.rglob(GRACE_FILE))
+        if not hits:
+            raise GraceError(f"models:/{name}/{version} holds no GRACE model folder")
+        found = hits[0]
+    return found
 
 
 def champion_of(name: str) -> tuple[str, dict[str, float], dict[str, str]] | None:
@@ -129,7 +225,7 @@ def register(
     metrics: dict[str, float],
     *,
     name: str,
-    gate: Gate,
+    gate: Gate | IncrementalGate,
     tags: dict[str, str] | None = None,
     example_query: str = "a red circle",
 ) -> Registration:
@@ -149,12 +245,15 @@ def register(
     if mlflow.active_run() is None:
         raise GraceError("register needs an active MLflow run")
     champion = champion_of(name)
-    decision = check_gate(
-        metrics,
-        champion[1] if champion else None,
-        gate,
-        champion[0] if champion else None,
-    )
+    if isinstance(gate, IncrementalGate):
+        decision = check_incremental_gate(metrics, gate, champion[0] if champion else None)
+    else:
+        decision = check_gate(
+            metrics,
+            champion[1] if champion else None,
+            gate,
+            champion[0] if champion else None,
+        )
     example = pd.DataFrame({"query": [example_query]})
     output = pd.DataFrame(
         [[example_query, 1, "sha256", "images/x.png", "0", -0.1]], columns=mlflow_model.COLUMNS

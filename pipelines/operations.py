@@ -20,9 +20,10 @@ COMPILED = Path(__file__).parent / "compiled"
 
 def pipelines() -> dict[str, Any]:
     """Pipeline name -> pipeline function."""
+    from pipelines.incremental_pipeline import incremental_pipeline
     from pipelines.training_pipeline import training_pipeline
 
-    return {"training": training_pipeline}
+    return {"training": training_pipeline, "incremental": incremental_pipeline}
 
 
 def _pipeline(name: str):

@@ -1,0 +1,31 @@
+"""incremental_train: the base model's ids extended/retired, training continued on new images."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components import GRACE_IMAGE
+
+
+@dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
+def incremental_train(
+    dataset: Input[Dataset],
+    base_model: str,
+    settings: dict,
+    replay: dict,
+    embedder: str,
+    embedder_seconds: float,
+    tracking_uri: str,
+    experiment: str,
+    pipeline_key: str,
+    model: Output[Model],
+    plan: Output[Artifact],
+):
+    """``settings``: TrainConfig fields; ``replay``: ReplayConfig fields (ratio, minimum, seed)."""
+    from grace.pipeline_steps import context, incremental_train
+
+    summary = incremental_train(
+        dataset.path, base_model, model.path, plan.path, settings=settings, replay=replay,
+        embedder=embedder, embedder_seconds=embedder_seconds,
+        ctx=context(tracking_uri, experiment, pipeline_key),
+    )  # fmt: skip
+    model.metadata.update(stage="incremental", base_model=base_model, **summary)

@@ -1,0 +1,19 @@
+"""no_change: the end of an incremental run whose data did not change (nothing trained)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input
+
+from components import GRACE_IMAGE
+
+
+@dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
+def no_change(
+    diff: Input[Artifact],
+    tracking_uri: str,
+    experiment: str,
+    pipeline_key: str,
+) -> bool:
+    """Returns False: no new model, ``champion`` unchanged."""
+    from grace.pipeline_steps import context, no_change
+
+    return no_change(diff.path, ctx=context(tracking_uri, experiment, pipeline_key))

@@ -1,0 +1,239 @@
+"""Incremental re-memorization: teach a trained model the images added since it was trained.
+
+Retraining from scratch each time images arrive costs as much as the first training; here the
+model continues from its own weights on the new images plus a replayed sample of old ones (so
+it does not forget them), with its identifier map extended (existing ids never change) and the
+ids of removed images retired (the trie no longer has them, so they are never returned again).
+A removal alone needs no training: the same weights are saved with the smaller map.
+
+Evaluation is split into old images (those the base model already had) and new ones, with the
+same :func:`grace.evaluation.evaluate`, so the registry gate can ask both questions: are the new
+images memorized and retrievable, and did old-image recall drop by no more than a tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from grace.configuration_grace import TrainConfig
+from grace.errors import GraceError
+from grace.identifiers import IdentifierMap
+from grace.modeling_grace import GraceModel
+from grace.records import ImageRecord
+from grace.training_grace import MetricsCallback
+
+OLD, NEW, BASE_OLD = "old_", "new_", "base_old_"
+SPLIT_METRICS = ("grace_R@1", "grace_R@5", "grace_R@10", "memorization", "queries", "images")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """How many old images are trained again beside the new ones, against forgetting.
+
+    ``ratio`` old images per new image, at least ``minimum`` (capped by how many there are).
+    """
+
+    ratio: float = 1.0
+    minimum: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ratio < 0 or self.minimum < 0:
+            raise ValueError("replay ratio and minimum must be >= 0")
+
+
+@dataclass
+class UpdatePlan:
+    """What changed between the base model's images and the set now, by image key.
+
+    ``refreshed``: kept images whose captions or split changed (trained again, same ids).
+    ``replay``: the old images sampled for replay (filled by :func:`training_set`).
+    """
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    refreshed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    replay: list[str] = field(default_factory=list)
+
+    @property
+    def needs_training(self) -> bool:
+        return bool(self.added or self.refreshed)
+
+    @property
+    def changes(self) -> int:
+        return len(self.added) + len(self.removed) + len(self.refreshed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UpdatePlan:
+        return cls(**{k: list(d.get(k, [])) for k in cls.__dataclass_fields__})
+
+    def summary(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.to_dict().items()}
+
+
+def plan_update(base: GraceModel, records: Sequence[ImageRecord]) -> UpdatePlan:
+    """Compare the base model's images (its id map and manifest) with the set ``records``."""
+    now = {r.key: r for r in records}
+    before = {r.key: r for r in base.records}
+    live = base.id_map.ids
+    kept = [k for k in now if k in live]
+    refreshed = [
+        k
+        for k in kept
+        if k in before
+        and (before[k].captions != now[k].captions or before[k].split != now[k].split)
+    ]
+    return UpdatePlan(
+        added=[k for k in now if k not in live],
+        removed=[k for k in live if k not in now],
+        refreshed=refreshed,
+        kept=kept,
+    )
+
+
+def update_identifiers(
+    id_map: IdentifierMap,
+    plan: UpdatePlan,
+    records: Sequence[ImageRecord],
+    *,
+    embedder: Any = None,
+    root: str | os.PathLike | None = None,
+) -> IdentifierMap:
+    """Retire the removed images' ids, then give the added images new ones; old ids stay."""
+    out = id_map.remove(plan.removed) if plan.removed else id_map
+    added = set(plan.added)
+    fresh = [r for r in records if r.key in added]
+    if fresh:
+        out = out.extend(fresh, embedder=embedder, root=root)
+    return out
+
+
+def training_set(
+    records: Sequence[ImageRecord], plan: UpdatePlan, replay: ReplayConfig = ReplayConfig()
+) -> list[ImageRecord]:
+    """New and refreshed images, plus a seeded sample of the other old images (``plan.replay``)."""
+    focus = set(plan.added) | set(plan.refreshed)
+    old = [r for r in records if r.key not in focus and r.key in set(plan.kept)]
+    # int(): settings that crossed KFP (a protobuf Struct) arrive as floats
+    want = max(round(replay.ratio * len(focus)), int(replay.minimum)) if focus else 0
+    sample = random.Random(replay.seed).sample(old, min(want, len(old)))
+    plan.replay = [r.key for r in sample]
+    chosen = focus | set(plan.replay)
+    return [r for r in records if r.key in chosen]
+
+
+def continue_training(
+    base_dir: str | os.PathLike,
+    records: Sequence[ImageRecord],
+    root: str | os.PathLike,
+    id_map: IdentifierMap,
+    plan: UpdatePlan,
+    out_model: str | os.PathLike,
+    config: TrainConfig,
+    replay: ReplayConfig = ReplayConfig(),
+    callback: MetricsCallback | None = None,
+    progress: bool = False,
+) -> GraceModel:
+    """Train the saved model at ``base_dir`` further on the plan's training set; save the result
+    with the whole set (``records``) and ``id_map`` to ``out_model``.
+
+    With nothing new to learn (removals only), the base weights are saved as they are: the
+    smaller map alone keeps retired images out of every answer.
+    """
+    from grace.training_grace import train
+
+    live = [r for r in records if r.key in id_map.ids]
+    if not plan.needs_training:
+        base = GraceModel.load(base_dir)
+        info = {**base.info, "steps": 0, "complete": True, "incremental": plan.summary()}
+        gm = GraceModel(base.model, base.processor, id_map, live, base.prompts, info)
+        gm.save(out_model)
+        return gm
+    subset = training_set(live, plan, replay)
+    cfg = replace(config, backbone=os.fspath(base_dir), prompts=_prompts_of(base_dir))
+    out_model = Path(out_model)
+    out_model.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".incremental-") as scratch:
+        trained = train(subset, root, id_map, scratch, cfg, callback, progress=progress)
+    info = {**trained.info, "incremental": plan.summary(), "base": os.fspath(base_dir)}
+    gm = GraceModel(trained.model, trained.processor, id_map, live, trained.prompts, info)
+    gm.save(out_model)
+    return gm
+
+
+def _prompts_of(base_dir: str | os.PathLike):
+    """The prompts the base model was trained with (a continued run must ask the same way)."""
+    import json
+
+    from grace.configuration_grace import Prompts
+    from grace.modeling_grace import GRACE_FILE
+
+    meta = json.loads((Path(base_dir) / GRACE_FILE).read_text())
+    return Prompts(**meta["prompts"])
+
+
+def evaluate_old_new(
+    candidate: GraceModel,
+    records: Sequence[ImageRecord],
+    root: str | os.PathLike,
+    plan: UpdatePlan,
+    *,
+    base: GraceModel | None = None,
+    num_beams: int = 10,
+    max_queries: int | None = None,
+) -> dict[str, float]:
+    """Recall@K and memorization of the old and of the new images, side by side.
+
+    Keys: ``old_*`` and ``new_*`` (the candidate), ``base_old_*`` (the base model on the same old
+    images, the reference the gate compares with), the whole set's ``grace_R@K`` and
+    ``memorization`` (weighted from the two parts), and ``old_grace_R@K_change``. Each query's
+    gallery is every live image of the model asked, as a user would search.
+    """
+    from grace.evaluation import evaluate
+
+    kept, added = set(plan.kept), set(plan.added)
+    old = [r for r in records if r.key in kept]
+    new = [r for r in records if r.key in added]
+    metrics: dict[str, float] = {}
+    parts = [(OLD, old, candidate), (NEW, new, candidate), (BASE_OLD, old, base)]
+    for prefix, subset, model in parts:
+        if model is None or not subset:
+            continue
+        got = evaluate(model, subset, root, num_beams=num_beams, max_queries=max_queries).metrics
+        metrics.update({prefix + k: v for k, v in got.items() if k in SPLIT_METRICS})
+        if prefix != BASE_OLD:
+            metrics[prefix + "latency_ms_per_query"] = got["latency_ms_per_query"]
+    metrics.update(_whole_set(metrics))
+    for k in ("grace_R@1", "grace_R@5", "grace_R@10", "memorization"):
+        if OLD + k in metrics and BASE_OLD + k in metrics:
+            metrics[f"{OLD}{k}_change"] = metrics[OLD + k] - metrics[BASE_OLD + k]
+    return metrics
+
+
+def _whole_set(m: dict[str, float]) -> dict[str, float]:
+    """The whole set's metrics from the old and new parts (recall weighted by queries,
+    memorization by images), under the names the plain gate and reports use."""
+    parts = [p for p in (OLD, NEW) if p + "images" in m]
+    if not parts:
+        raise GraceError("nothing to evaluate: the set has no image with a live identifier")
+    out = {
+        "queries": sum(m[p + "queries"] for p in parts),
+        "images": sum(m[p + "images"] for p in parts),
+    }
+    q = out["queries"]
+    for k in ("grace_R@1", "grace_R@5", "grace_R@10", "latency_ms_per_query"):
+        out[k] = sum(m[p + k] * m[p + "queries"] for p in parts) / q if q else 0.0
+    out["memorization"] = sum(m[p + "memorization"] * m[p + "images"] for p in parts) / max(
+        out["images"], 1
+    )
+    return out

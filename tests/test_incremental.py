@@ -1,0 +1,200 @@
+"""Incremental re-memorization in the library: a base model trained on 16 images, then the set
+changes (one image removed, four added) and the model continues from its own weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from grace.configuration_grace import TrainConfig
+from grace.identifiers import IdentifierMap, assign_identifiers
+from grace.incremental import (
+    ReplayConfig,
+    UpdatePlan,
+    continue_training,
+    evaluate_old_new,
+    plan_update,
+    training_set,
+    update_identifiers,
+)
+from grace.modeling_grace import GraceModel
+from grace.records import ImageRecord
+from grace.registry import IncrementalGate, check_incremental_gate
+from grace.synth import synthesize
+from tests.conftest import SMALL_BACKBONE
+
+
+def _cfg(epochs: int, lr: float) -> TrainConfig:
+    return TrainConfig(
+        tiny=SMALL_BACKBONE,
+        epochs=epochs,
+        batch_size=16,
+        lr=lr,
+        warmup_steps=3,
+        describe_task=False,
+        caption_task=False,
+        checkpoint_every=0,
+        num_threads=1,
+    )
+
+
+@dataclass
+class Increment:
+    root: Path
+    before: list[ImageRecord]  # the base model's set
+    after: list[ImageRecord]  # the set now: first image removed, four added
+    base_dir: Path
+    base: GraceModel
+    plan: UpdatePlan
+    id_map: IdentifierMap
+    candidate: GraceModel
+
+
+@pytest.fixture(scope="module")
+def increment(tmp_path_factory, one_thread) -> Increment:
+    from grace.training_grace import train
+
+    tmp = tmp_path_factory.mktemp("incremental")
+    records = synthesize(tmp / "data", n=20, seed=11, test_fraction=0.25)
+    before, after = records[:16], records[1:]
+    train(before, tmp / "data", assign_identifiers(before, "numeric"), tmp / "base", _cfg(40, 3e-3),
+          progress=False)  # fmt: skip
+    base_dir = tmp / "base" / "model"
+    base = GraceModel.load(base_dir)
+    plan = plan_update(base, after)
+    id_map = update_identifiers(base.id_map, plan, after)
+    candidate = continue_training(
+        base_dir, after, tmp / "data", id_map, plan, tmp / "candidate", _cfg(25, 1e-3)
+    )
+    return Increment(tmp / "data", before, after, base_dir, base, plan, id_map, candidate)
+
+
+
+@pytest.mark.slow
+def test_plan_names_added_removed_and_kept_images(increment):
+    inc = increment
+    assert inc.plan.removed == [inc.before[0].key]
+    assert inc.plan.added == [r.key for r in inc.after[15:]]
+    assert inc.plan.kept == [r.key for r in inc.before[1:]]
+    assert inc.plan.refreshed == []
+    # replay: old images sampled beside the new ones, never a removed or a new one
+    assert len(inc.plan.replay) == max(len(inc.plan.added), ReplayConfig().minimum)
+    assert set(inc.plan.replay) <= set(inc.plan.kept)
+
+
+@pytest.mark.slow
+def test_old_ids_unchanged_new_ids_fresh_removed_ids_retired(increment):
+    inc = increment
+    old = inc.base.id_map
+    for key in inc.plan.kept:
+        assert inc.id_map.ids[key] == old.ids[key]
+    removed = inc.plan.removed[0]
+    assert removed not in inc.id_map.ids
+    assert inc.id_map.retired[removed] == old.ids[removed]
+    for key in inc.plan.added:
+        assert not set(inc.id_map.ids[key]) & old.issued()
+    # the saved candidate carries the whole set and the updated map
+    saved = GraceModel.load(inc.root.parent / "candidate")
+    assert saved.id_map.to_dict() == inc.id_map.to_dict()
+    assert {r.key for r in saved.records} == {r.key for r in inc.after}
+
+
+@pytest.mark.slow
+def test_a_removed_image_is_never_returned(increment):
+    inc = increment
+    gone = inc.before[0]
+    queries = list(gone.captions) + ["a red circle", "a blue square on a black background"]
+    # a beam per live id: the base model lists all of its images, the removed one included
+    base_hits = inc.base.retrieve(queries, k=16, num_beams=16)
+    assert all(gone.key in {h.key for h in row} for row in base_hits)
+    hits = inc.candidate.retrieve(queries, k=19, num_beams=19)
+    assert all(len(row) == 19 for row in hits)
+    assert all(gone.key not in {h.key for h in row} for row in hits)
+    from PIL import Image
+
+    with Image.open(inc.root / gone.path) as im:
+        (found,) = inc.candidate.recall_identifiers([im.convert("RGB")], num_beams=19)
+    assert found is None or found.key != gone.key
+
+
+@pytest.mark.slow
+def test_continued_training_learns_the_new_images(increment):
+    inc = increment
+    assert inc.candidate.info["steps"] > 0
+    m = evaluate_old_new(inc.candidate, inc.after, inc.root, inc.plan, base=inc.base)
+    assert m["new_images"] == 4 and m["old_images"] == 15 and m["base_old_images"] == 15
+    # the base model cannot name a new image (it has no id for it); the candidate can
+    assert m["new_memorization"] >= 0.5
+    assert m["old_grace_R@10_change"] == pytest.approx(
+        m["old_grace_R@10"] - m["base_old_grace_R@10"]
+    )
+    # whole-set figures are the parts weighted by their queries / images
+    q = m["old_queries"] + m["new_queries"]
+    assert m["queries"] == q
+    want = (m["old_grace_R@10"] * m["old_queries"] + m["new_grace_R@10"] * m["new_queries"]) / q
+    assert m["grace_R@10"] == pytest.approx(want)
+    assert m["memorization"] == pytest.approx(
+        (15 * m["old_memorization"] + 4 * m["new_memorization"]) / 19
+    )
+
+
+@pytest.mark.slow
+def test_a_removal_alone_needs_no_training(increment, tmp_path):
+    inc = increment
+    fewer = inc.before[2:]
+    plan = plan_update(inc.base, fewer)
+    assert not plan.needs_training and len(plan.removed) == 2
+    id_map = update_identifiers(inc.base.id_map, plan, fewer)
+    gm = continue_training(
+        inc.base_dir, fewer, inc.root, id_map, plan, tmp_path / "m", _cfg(5, 1e-3)
+    )
+    assert gm.info["steps"] == 0
+    before = dict(inc.base.model.named_parameters())
+    for name, p in GraceModel.load(tmp_path / "m").model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    hits = gm.retrieve([c for r in inc.before[:2] for c in r.captions], k=14, num_beams=14)
+    assert not {h.key for row in hits for h in row} & {r.key for r in inc.before[:2]}
+
+
+def test_training_set_is_new_refreshed_and_a_seeded_replay_sample():
+    recs = [ImageRecord(f"k{i}", f"images/{i}.png", 8, 8) for i in range(30)]
+    plan = UpdatePlan(added=["k28", "k29"], refreshed=["k0"], kept=[f"k{i}" for i in range(28)])
+    chosen = training_set(recs, plan, ReplayConfig(ratio=2.0, minimum=1, seed=4))
+    assert {"k28", "k29", "k0"} <= {r.key for r in chosen}
+    assert len(plan.replay) == 6 and "k0" not in plan.replay
+    again = UpdatePlan(added=["k28", "k29"], refreshed=["k0"], kept=plan.kept)
+    training_set(recs, again, ReplayConfig(ratio=2.0, minimum=1, seed=4))
+    assert again.replay == plan.replay
+    nothing = UpdatePlan(removed=["k1"], kept=plan.kept)
+    assert training_set(recs, nothing) == []
+
+
+BASE = {"base_old_grace_R@10": 0.80, "old_queries": 50.0, "new_images": 10.0, "new_queries": 5.0}
+
+
+@pytest.mark.parametrize(
+    ("old", "new_mem", "promote"),
+    [
+        (0.795, 1.0, True),  # within one point of the base
+        (0.785, 1.0, False),  # old-image recall dropped by 1.5 points: blocked
+        (0.90, 0.5, False),  # new images not memorized: blocked
+    ],
+)
+def test_incremental_gate(old, new_mem, promote):
+    metrics = {**BASE, "old_grace_R@10": old, "new_memorization": new_mem, "new_grace_R@10": 0.6}
+    gate = IncrementalGate(old_tolerance=0.01, min_new_memorization=0.99, base_version="3")
+    decision = check_incremental_gate(metrics, gate, champion_version="3")
+    assert decision.promote is promote, decision.summary()
+    if old < 0.79:
+        assert any("old_grace_R@10" in r and "<" in r for r in decision.reasons)
+
+
+def test_incremental_gate_refuses_when_the_champion_moved_meanwhile():
+    metrics = {**BASE, "old_grace_R@10": 0.9, "new_memorization": 1.0, "new_grace_R@10": 0.6}
+    gate = IncrementalGate(base_version="3")
+    assert check_incremental_gate(metrics, gate, champion_version="3").promote
+    moved = check_incremental_gate(metrics, gate, champion_version="4")
+    assert not moved.promote and "stale" in moved.summary()
