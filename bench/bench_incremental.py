@@ -210,7 +210,7 @@ def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
             f"{r.get('new_memorization', float('nan')):.3f} | {r['old_memorization']:.3f} |"
         )
     full = next((r for r in rows if r["run"].startswith("full")), None)
-    lines.append("")
+    lines += ["", f"One query is {100 / rows[0]['old_queries']:.1f} pt of old-image R@10 here.", ""]
     for ratio, lr in args.variants:
         mine = [r for r in rows if r["run"].endswith(f"(replay {ratio:g}, lr {lr:g})")]
         inc = mine[0]

@@ -72,7 +72,6 @@ def increment(tmp_path_factory, one_thread) -> Increment:
     return Increment(tmp / "data", before, after, base_dir, base, plan, id_map, candidate)
 
 
-
 @pytest.mark.slow
 def test_plan_names_added_removed_and_kept_images(increment):
     inc = increment
