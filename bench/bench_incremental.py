@@ -22,7 +22,6 @@ import argparse
 import math
 import os
 import platform
-import re
 import shlex
 import sys
 import tempfile
@@ -31,8 +30,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from benchmarks_md import write_section  # bench/ is on sys.path
 
-from grace.atomic_io import write_text
 from grace.configuration_grace import TinyBackboneConfig, TrainConfig
 from grace.identifiers import assign_identifiers
 from grace.incremental import (
@@ -45,9 +44,6 @@ from grace.incremental import (
 from grace.modeling_grace import GraceModel
 from grace.synth import synthesize
 from grace.training_grace import train
-
-START, END = "<!-- bench:incremental:start -->", "<!-- bench:incremental:end -->"
-
 
 # Half the default tiny backbone (as tests/conftest.py): on 2 shared CPU cores the default one
 # does not memorize 100+ images from scratch within a benchmark's budget.
@@ -151,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(rows, command, args, base_wall, base_cpu)
     print(text)
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, "incremental", text)
 
 
 def _row(m, name, records, trained, gm, wall, cpu, vs_original) -> dict:
@@ -227,18 +223,6 @@ def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
             f"R@10 moved by at worst {worst:+.1f} pt against the original base (tolerance -1 pt)."
         )
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it); others stay as they are."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}{END}"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(path, text)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -30,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from benchmarks_md import write_section  # bench/ is on sys.path
 
-from grace.atomic_io import write_text
 from grace.configuration_dual_encoder import DualEncoderConfig
 from grace.configuration_grace import TrainConfig
 from grace.embedding import make_embedder
@@ -40,7 +39,6 @@ from grace.identifiers import assign_identifiers
 from grace.synth import synthesize
 from grace.training_grace import train
 
-START, END = "<!-- bench:quality:start -->", "<!-- bench:quality:end -->"
 SCHEMES = ("numeric", "structured", "atomic")
 TARGET_MEMORIZATION = 0.99
 
@@ -166,18 +164,6 @@ def report(rows: list[dict], dense: dict, args, command: str, cfg: TrainConfig) 
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the quality section of ``path`` (or append it); other sections stay as they are."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}{END}"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(path, text)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/grace_bench_quality"))
@@ -262,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             json.dumps({"config": cfg.to_dict(), "rows": rows, "dense": dense}, indent=2) + "\n"
         )
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, "quality", text)
 
 
 if __name__ == "__main__":

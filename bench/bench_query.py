@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from benchmarks_md import write_section  # bench/ is on sys.path
 
 from grace.atomic_io import write_text
 from grace.query_benchmark import (
@@ -30,8 +30,6 @@ from grace.query_benchmark import (
     plot_latency,
     run_query_benchmark,
 )
-
-START, END = "<!-- bench:query:start -->", "<!-- bench:query:end -->"
 
 
 def machine_line() -> str:
@@ -47,18 +45,6 @@ def machine_line() -> str:
         f"transformers {transformers.__version__}{faiss_version}; "
         f"load average {os.getloadavg()[0]:.2f} when it finished (2 cores shared with other jobs)."
     )
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it); others stay as they are."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}{END}"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         write_text(args.json, json.dumps(results, indent=1, default=str))
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, "query", text)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shlex
 import statistics
@@ -27,10 +26,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from benchmarks_md import write_section  # bench/ is on sys.path
 
-from grace.atomic_io import write_text
-
-START, END = "<!-- bench:train:start -->", "<!-- bench:train:end -->"
 ZERO2 = Path(__file__).resolve().parent.parent / "configs" / "deepspeed" / "zero2.json"
 
 
@@ -103,18 +100,6 @@ def report(rows: list[dict], command: str, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it); others stay as they are."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}{END}"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(path, text)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
@@ -145,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(rows, command, args)
     print(text)
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, "train", text)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import gc
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -31,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from benchmarks_md import write_section  # bench/ is on sys.path
 
-from grace.atomic_io import write_text
 from grace.trie import Trie, TrieLogitsProcessor
 
 EOS = 3
@@ -41,7 +40,6 @@ FIRST_TOKEN = 4  # 0..3 are special tokens
 VOCAB = 2000
 ROWS = 80  # 8 queries x 10 beams
 DICT_MAX = 100_000  # the dict trie is only built up to this many identifiers
-START, END = "<!-- bench:trie:start -->", "<!-- bench:trie:end -->"
 
 
 def random_ids(n: int, seed: int) -> list[tuple[int, ...]]:
@@ -260,18 +258,6 @@ def report(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the trie section of ``path`` (or append it); other sections stay as they are."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}{END}"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(path, text)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="1000,100000,1000000", help="comma-separated id counts")
@@ -294,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(rows, command)
     print(text)
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, "trie", text)
 
 
 if __name__ == "__main__":
