@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ _PLAIN_CKPT = "plain_state.pt"
 _CLIENT_KEY = "grace_client_state"
 
 
-class TrainEngine:
+class TrainEngine(ABC):
     """The loop-facing API; :func:`make_engine` returns one of its two implementations."""
 
     model: torch.nn.Module  # call forward on this (the DeepSpeed engine wraps the module)
@@ -53,14 +54,16 @@ class TrainEngine:
     bf16: bool
 
     @property
+    @abstractmethod
     def is_main(self) -> bool:
         """Whether this process is rank 0: the one that logs and writes single-copy artifacts."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def device(self) -> torch.device:
         """Where the loop should put its batches."""
-        raise NotImplementedError
+        ...
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast around forward and loss, so fp32 inputs meet bf16 weights safely."""
@@ -73,33 +76,41 @@ class TrainEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def backward(self, loss: torch.Tensor) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
 
+    @abstractmethod
     def step(self) -> float | None:
         """Clip, step the optimizer and zero the grads; return the pre-clip grad norm if known."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def state_dict_for_save(self) -> dict[str, torch.Tensor] | None:
         """Full model weights on CPU on the main rank, ``None`` elsewhere (call on every rank).
 
         Tensors already on CPU are the live weights, not copies: save them, or clone to keep.
         In DeepSpeed bf16 mode they are bf16 (the fp32 master copy is in the checkpoint).
         """
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def save_checkpoint(
         self, ckpt_dir: str | Path, client_state: dict[str, Any] | None = None
     ) -> None:
         """Save weights, optimizer state and ``client_state`` (step, RNG...) for resuming."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
         """Restore what :meth:`save_checkpoint` wrote; return its ``client_state``."""
-        raise NotImplementedError
+        ...
 
     def barrier(self) -> None:
-        """Wait for every rank (e.g. around a checkpoint that all ranks write into one folder)."""
+        """Wait for every rank (e.g. around a checkpoint that all ranks write into one folder).
+
+        One process (the plain engine) has no one to wait for.
+        """
+        return None
 
 
 def _adamw(
