@@ -17,7 +17,7 @@ import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -175,10 +175,12 @@ def check_image(path: Path, limits: Limits) -> tuple[str, int, int] | Problem:
     return hashlib.sha256(data).hexdigest(), w, h
 
 
-def _caption_rows(
-    cap_path: Path, images_dir: Path, limits: Limits, problems: list[Problem]
-) -> Iterable[tuple[int, str, str | None, str | None]]:
-    """Yield (row, image path relative to images/, caption, split) of every valid row."""
+def caption_lines(
+    cap_path: Path, images_dir: Path, problems: list[Problem]
+) -> Iterator[tuple[int, dict[str, Any], PurePosixPath]]:
+    """Yield (row, object, image path inside images/) of every row of captions.jsonl that is
+    well-formed: UTF-8, a JSON object of known fields, an image path inside ``images/``.
+    Every other row becomes a problem naming it. What the fields may hold is the caller's rule."""
     f = str(cap_path)
     root_resolved = images_dir.resolve()
     for row, raw in enumerate(cap_path.read_bytes().splitlines(), start=1):
@@ -212,6 +214,15 @@ def _caption_rows(
                 Problem(f, "inside-images", f"{image!r} points outside {IMAGES_DIR}/", row)
             )
             continue
+        yield row, obj, pure
+
+
+def _caption_rows(
+    cap_path: Path, images_dir: Path, limits: Limits, problems: list[Problem]
+) -> Iterable[tuple[int, str, str | None, str | None]]:
+    """Yield (row, image path relative to images/, caption, split) of every valid row."""
+    f = str(cap_path)
+    for row, obj, pure in caption_lines(cap_path, images_dir, problems):
         split = obj.get("split")
         if split is not None and split not in SPLITS:
             problems.append(

@@ -15,13 +15,20 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from grace.errors import InvalidInputError, Problem
-from grace.imageset import CAPTIONS_FILE, IMAGES_DIR, Limits, check_image, image_files
+from grace.imageset import (
+    CAPTIONS_FILE,
+    IMAGES_DIR,
+    Limits,
+    caption_lines,
+    check_image,
+    image_files,
+)
 from grace.records import SPLITS
 
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f]"
@@ -176,43 +183,10 @@ def _caption_rows(cap_path: Path, images_dir: Path, problems: list[Problem]) -> 
     if not cap_path.is_file():
         return []
     f = str(cap_path)
-    inside = images_dir.resolve()
     rows = []
     split_of: dict[str, str] = {}
-    for row, raw in enumerate(cap_path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(Problem(f, "utf-8", f"not valid UTF-8 (byte {e.start})", row))
-            continue
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(f, "json-row", f"not a JSON object: {e.msg}", row))
-            continue
-        if not isinstance(obj, dict):
-            problems.append(Problem(f, "json-row", "not a JSON object", row))
-            continue
-        if set(obj) - {"image", "caption", "split"}:
-            unknown = sorted(set(obj) - {"image", "caption", "split"})
-            problems.append(Problem(f, "known-fields", f"unknown fields {unknown}", row))
-            continue
-        image, caption, split = obj.get("image"), obj.get("caption"), obj.get("split")
-        if not isinstance(image, str) or not image:
-            problems.append(Problem(f, "has-image", '"image" must be a non-empty string', row))
-            continue
-        pure = PurePosixPath(image.replace("\\", "/"))
-        if (
-            pure.is_absolute()
-            or ".." in pure.parts
-            or not (images_dir / pure).resolve().is_relative_to(inside)
-        ):
-            problems.append(
-                Problem(f, "inside-images", f"{image!r} points outside {IMAGES_DIR}/", row)
-            )
-            continue
+    for row, obj, pure in caption_lines(cap_path, images_dir, problems):
+        caption, split = obj.get("caption"), obj.get("split")
         if caption is not None and not isinstance(caption, str):
             problems.append(Problem(f, "caption-text", '"caption" must be a string', row))
             continue
