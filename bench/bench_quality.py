@@ -44,7 +44,8 @@ TARGET_MEMORIZATION = 0.99
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` pairs (JSON values, else strings); ``tiny.KEY`` sets a backbone field."""
+    """``KEY=VALUE`` pairs (JSON values, else strings); ``lite.KEY`` / ``tiny.KEY`` set a
+    backbone field."""
     out: dict = {}
     for item in items:
         k, v = item.split("=", 1)
@@ -52,8 +53,8 @@ def parse_overrides(items: list[str]) -> dict:
             value = json.loads(v)
         except json.JSONDecodeError:
             value = v
-        if k.startswith("tiny."):
-            out.setdefault("tiny", {})[k[5:]] = value
+        if k.startswith(("lite.", "tiny.")):
+            out.setdefault(k[:4], {})[k[5:]] = value
         else:
             out[k] = value
     return out
@@ -61,7 +62,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 def train_config(seconds: float, threads: int, overrides: dict) -> TrainConfig:
     base = TrainConfig().to_dict()
-    base["tiny"].update(overrides.pop("tiny", {}) if "tiny" in overrides else {})
+    for backbone in ("lite", "tiny"):
+        base[backbone].update(overrides.pop(backbone, {}))
     base.update(overrides)
     base.update(max_seconds=seconds, num_threads=threads, checkpoint_every=0)
     return TrainConfig.from_dict(base)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_type_hints
 
 TINY_BACKBONE = "tiny"
+LITE_BACKBONE = "lite"
 
 
 @dataclass
@@ -36,6 +37,26 @@ class TinyBackboneConfig:
 
 
 @dataclass
+class LiteBackboneConfig:
+    """The default: frozen pre-trained encoders (EfficientNet-Lite0 images, MiniLM sentences),
+    MLP projectors and a small Llama decoder from random init (``grace.modeling_grace_lite``).
+
+    One pooled image token at 128 px memorized 1000 images in a minute in the prototype; more
+    cells (``image_grid`` 2 or 4) keep where things are in the picture at a higher cost.
+    """
+
+    image_size: int = 128
+    image_grid: int = 1
+    hidden: int = 256
+    intermediate: int | None = None  # None: 2 x hidden
+    layers: int = 2
+    heads: int = 4
+    vocab_size: int = 2000
+    alignment_weight: float = 1.0  # query-image InfoNCE beside learning to retrieve
+    text_encoder: str = "all-MiniLM-L6-v2"  # the packaged MiniLM, or a sentence encoder's path
+
+
+@dataclass
 class Prompts:
     """Instructions of the four tasks (chat-template user turns; the answer follows)."""
 
@@ -53,7 +74,10 @@ class TrainConfig:
     5 epochs, ZeRO-3. The defaults below are what a from-scratch tiny model needs on a CPU.
     """
 
-    backbone: str = TINY_BACKBONE  # "tiny", a local path or a hub id (AutoModelForImageTextToText)
+    # "lite" (frozen encoders + small decoder), "tiny" (an Idefics3 from scratch), a local path
+    # or a hub id (AutoModelForImageTextToText)
+    backbone: str = LITE_BACKBONE
+    lite: LiteBackboneConfig = field(default_factory=LiteBackboneConfig)
     tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)
     prompts: Prompts = field(default_factory=Prompts)
     # tasks: memorize (image -> id) is always on. A memorize-only run (retrieve_task False) is
@@ -84,6 +108,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
+        if isinstance(self.lite, dict):
+            self.lite = LiteBackboneConfig(**_typed(LiteBackboneConfig, self.lite))
         if isinstance(self.tiny, dict):
             self.tiny = TinyBackboneConfig(**_typed(TinyBackboneConfig, self.tiny))
         if isinstance(self.prompts, dict):

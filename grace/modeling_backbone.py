@@ -92,9 +92,18 @@ def build_tiny_backbone(
 def load_backbone(name_or_path: str | os.PathLike) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Load a saved GRACE model or any image-text-to-text backbone (hub id or local folder).
 
+    A saved ``lite`` backbone (its processor is GRACE's own) loads through its classes.
     With ``HF_HUB_OFFLINE=1`` (tests, air-gapped clusters) only local files are used.
     """
+    from grace.modeling_grace_lite import GraceLiteForConditionalGeneration
+    from grace.processing_grace_lite import GraceLiteProcessor
+
     local = Path(name_or_path).is_dir()
+    if local and GraceLiteProcessor.is_saved_in(name_or_path):
+        processor = GraceLiteProcessor.from_pretrained(name_or_path)
+        model = GraceLiteForConditionalGeneration.from_pretrained(str(name_or_path))
+        _sync_generation_ids(model, processor.tokenizer)
+        return model, processor
     offline = local or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     processor = AutoProcessor.from_pretrained(str(name_or_path), local_files_only=offline)
     model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), local_files_only=offline)

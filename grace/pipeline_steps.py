@@ -169,7 +169,7 @@ def memorize(
     ids: str | os.PathLike,
     out_model: str | os.PathLike,
     *,
-    backbone: str = "tiny",
+    backbone: str = "lite",
     settings: dict[str, Any] | None = None,
     ctx: StepContext = StepContext(),
 ) -> dict[str, Any]:

@@ -39,6 +39,8 @@ class Example:
     input_ids: tuple[int, ...]  # prompt, then answer and EOS
     n_prompt: int  # the first n_prompt tokens get no loss
     image: int | None = None  # index into the ImageInputs of the set
+    text: int | None = None  # index into the TextInputs (a text-only prompt's extra tensors)
+    gold: int | None = None  # the answer's image, for backbones with a query-image alignment
 
 
 def user_turn(processor: ProcessorMixin, text: str, with_image: bool) -> str:
@@ -63,6 +65,11 @@ class ImageInputs:
         self.root = Path(root)
         self.tensors: list[dict[str, torch.Tensor]] = []
         self._prompt_ids: dict[tuple[str, int, int], tuple[int, ...]] = {}
+        batched = getattr(processor, "image_inputs", None)  # a processor that batches features
+        if batched is not None:
+            for i in range(0, len(self.records), 256):
+                self.tensors += batched([self.load(r) for r in self.records[i : i + 256]])
+            return
         probe = user_turn(processor, "", with_image=True)
         for r in self.records:
             enc = processor(text=[probe], images=[[self.load(r)]], return_tensors="pt")
@@ -88,8 +95,36 @@ class ImageInputs:
         return {k: torch.cat([self.tensors[i][k] for i in indices]) for k in keys}
 
 
-def text_prompt_ids(processor: ProcessorMixin, prompt: str) -> tuple[int, ...]:
-    return tuple(processor(text=[prompt], return_tensors="pt")["input_ids"][0].tolist())
+class TextInputs:
+    """Token ids of each distinct text-only prompt, and any other tensors the processor gives
+    for it (the lite backbone's frozen sentence features), computed once per run in batches."""
+
+    def __init__(self, processor: ProcessorMixin):
+        self.processor = processor
+        self.position: dict[str, int] = {}
+        self.token_ids: list[tuple[int, ...]] = []
+        self.tensors: list[dict[str, torch.Tensor]] = []
+
+    def encode(self, prompts: Sequence[str], batch_size: int = 256) -> None:
+        new = [p for p in dict.fromkeys(prompts) if p not in self.position]
+        for i in range(0, len(new), batch_size):
+            chunk = new[i : i + batch_size]
+            enc = self.processor(text=chunk, return_tensors="pt", padding=True)
+            extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+            for row, prompt in enumerate(chunk):
+                keep = enc["attention_mask"][row].bool()
+                self.position[prompt] = len(self.token_ids)
+                self.token_ids.append(tuple(enc["input_ids"][row][keep].tolist()))
+                self.tensors.append({k: v[row : row + 1] for k, v in extra.items()})
+
+    def __getitem__(self, prompt: str) -> int:
+        if prompt not in self.position:
+            self.encode([prompt])
+        return self.position[prompt]
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        keys = self.tensors[indices[0]].keys()
+        return {k: torch.cat([self.tensors[i][k] for i in indices]) for k in keys}
 
 
 def answer_ids(processor: ProcessorMixin, text: str) -> tuple[int, ...]:
@@ -107,6 +142,8 @@ def build_examples(
     pseudo_queries: dict[str, list[str]] | None = None,
     memorize_repeats: int = 1,
     side_task_captions: int | None = None,
+    texts: TextInputs | None = None,
+    align: bool = False,
 ) -> list[Example]:
     """Every example of the requested tasks. Queries and descriptions use train-split captions
     only (held-out captions are the evaluation's); ``pseudo_queries`` (key -> texts) add
@@ -114,19 +151,32 @@ def build_examples(
 
     The task mix: each memorize example appears ``memorize_repeats`` times, and describe and
     caption use only the first ``side_task_captions`` captions of an image (None: all), so a
-    short budget is not spent mostly on the side tasks."""
+    short budget is not spent mostly on the side tasks. With ``align`` a retrieve example also
+    names its image (``gold``), for backbones that align queries with images."""
     eos = tokenizer_of(processor).eos_token_id
     position = {r.key: i for i, r in enumerate(images.records)}
     ids_of: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
     for ident, key, seq in zip(index.identifiers, index.keys, index.sequences, strict=True):
         ids_of.setdefault(key, []).append((ident, seq))
     out: list[Example] = []
-    text_cache: dict[str, tuple[int, ...]] = {}
+    texts = texts if texts is not None else TextInputs(processor)
 
-    def text_ids(prompt: str) -> tuple[int, ...]:
-        if prompt not in text_cache:
-            text_cache[prompt] = text_prompt_ids(processor, prompt)
-        return text_cache[prompt]
+    def retrieve_prompts(r: ImageRecord, captions: list[str]) -> list[str]:
+        queries = captions + list((pseudo_queries or {}).get(r.key, []))
+        return [user_turn(processor, prompts.retrieve.format(query=q), False) for q in queries]
+
+    def describe_prompt(identifier: str) -> str:
+        return user_turn(processor, prompts.describe.format(identifier=identifier), False)
+
+    needed: list[str] = []  # every text prompt, encoded in batches before the examples
+    for r in records:
+        live = ids_of.get(r.key)
+        captions = list(r.captions) if live and r.split == "train" else []
+        if "retrieve" in tasks:
+            needed += retrieve_prompts(r, captions)
+        if "describe" in tasks and captions:
+            needed.append(describe_prompt(live[0][0]))
+    texts.encode(needed)
 
     mem_prompt = user_turn(processor, prompts.memorize, with_image=True)
     cap_prompt = user_turn(processor, prompts.caption, with_image=True)
@@ -143,15 +193,15 @@ def build_examples(
             mem = [Example("memorize", p + seq + (eos,), len(p), i) for _, seq in live]
             out += mem * memorize_repeats
         if "retrieve" in tasks:
-            queries = captions + list((pseudo_queries or {}).get(r.key, []))
-            for q in queries:
-                p = text_ids(user_turn(processor, prompts.retrieve.format(query=q), False))
-                out.append(Example("retrieve", p + canonical, len(p)))
-        if "describe" in tasks:
-            p = text_ids(
-                user_turn(processor, prompts.describe.format(identifier=live[0][0]), False)
-            )
-            out += [Example("describe", p + answer_ids(processor, c), len(p)) for c in side]
+            for prompt in retrieve_prompts(r, captions):
+                t = texts[prompt]
+                p = texts.token_ids[t]
+                gold = i if align else None
+                out.append(Example("retrieve", p + canonical, len(p), text=t, gold=gold))
+        if "describe" in tasks and side:
+            t = texts[describe_prompt(live[0][0])]
+            p = texts.token_ids[t]
+            out += [Example("describe", p + answer_ids(processor, c), len(p), text=t) for c in side]
         if "caption" in tasks and side:
             p = images.prompt_ids(cap_prompt, i)
             out += [Example("caption", p + answer_ids(processor, c), len(p), i) for c in side]
@@ -174,8 +224,14 @@ def plan_epoch(examples: Sequence[Example], batch_size: int, seed: int) -> list[
     return batches
 
 
-def collate(examples: Sequence[Example], images: ImageInputs, pad_token_id: int) -> dict[str, Any]:
-    """Right-padded input ids, attention mask, labels (-100 on prompt and padding), images."""
+def collate(
+    examples: Sequence[Example],
+    images: ImageInputs,
+    pad_token_id: int,
+    texts: TextInputs | None = None,
+) -> dict[str, Any]:
+    """Right-padded input ids, attention mask, labels (-100 on prompt and padding), image and
+    text-prompt tensors, and the answers' images as ``gold_*`` when the examples name them."""
     width = max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -191,4 +247,14 @@ def collate(examples: Sequence[Example], images: ImageInputs, pad_token_id: int)
         if len(with_image) != len(examples):
             raise ValueError("a batch mixes examples with and without images")
         batch.update(images.batch(with_image))
+    with_text = [ex.text for ex in examples if ex.text is not None]
+    if with_text and texts is not None and texts.tensors[with_text[0]]:
+        if len(with_text) != len(examples):
+            raise ValueError("a batch mixes text-only prompts with image prompts")
+        batch.update(texts.batch(with_text))
+    golds = [ex.gold for ex in examples if ex.gold is not None]
+    if golds:
+        if len(golds) != len(examples):
+            raise ValueError("a batch mixes examples with and without their answer's image")
+        batch.update({f"gold_{k}": v for k, v in images.batch(golds).items()})
     return batch

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from grace.atomic_io import atomic_dir, replace_dir, write_json
-from grace.configuration_grace import TINY_BACKBONE, TrainConfig
+from grace.configuration_grace import LITE_BACKBONE, TINY_BACKBONE, TrainConfig
 from grace.deepspeed_engine import make_engine
 from grace.errors import GraceError
 from grace.identifier_index import IdentifierIndex
@@ -33,8 +33,9 @@ from grace.modeling_backbone import (
     tokenizer_of,
 )
 from grace.modeling_grace import GraceModel
+from grace.modeling_grace_lite import build_lite_backbone
 from grace.records import ImageRecord
-from grace.task_examples import ImageInputs, build_examples, collate, plan_epoch
+from grace.task_examples import ImageInputs, TextInputs, build_examples, collate, plan_epoch
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 STATE_FILE = "trainer_state.json"
@@ -71,9 +72,12 @@ def train(
         tasks += ["describe"] if cfg.describe_task else []
         tasks += ["caption"] if cfg.caption_task else []
         pseudo: dict[str, list[str]] | None = state.get("pseudo_queries")
+        texts = TextInputs(processor)
         mix = {
             "memorize_repeats": cfg.memorize_repeats,
             "side_task_captions": cfg.side_task_captions,
+            "texts": texts,
+            "align": getattr(model.config, "alignment_weight", 0) > 0,
         }
         examples = build_examples(live, index, processor, images, cfg.prompts, tasks, **mix)
         needy = [r for r in live if not (r.split == "train" and r.captions)]
@@ -124,7 +128,7 @@ def train(
                 lr = _lr(step, total, cfg, spent + time.perf_counter() - t0)
                 engine.set_lr(lr)
                 batch_examples = [examples[n] for n in plan[b]]
-                batch = collate(batch_examples, images, tok.pad_token_id)
+                batch = collate(batch_examples, images, tok.pad_token_id, texts)
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 with engine.autocast():
                     loss = engine.model(**batch).loss
@@ -187,10 +191,12 @@ def _start_or_resume(
         if latest is not None:
             state = json.loads((latest / STATE_FILE).read_text())
         return model, processor, state
-    if cfg.backbone == TINY_BACKBONE:
-        texts = [c for r in live for c in r.captions]
-        texts += [id_map.token_text(i) for i, _ in id_map.identifiers()]
-        texts += [p for p in vars(cfg.prompts).values()]
+    texts = [c for r in live for c in r.captions]
+    texts += [id_map.token_text(i) for i, _ in id_map.identifiers()]
+    texts += [p for p in vars(cfg.prompts).values()]
+    if cfg.backbone == LITE_BACKBONE:
+        model, processor = build_lite_backbone(texts, cfg.lite, seed=cfg.seed)
+    elif cfg.backbone == TINY_BACKBONE:
         model, processor = build_tiny_backbone(texts, cfg.tiny, seed=cfg.seed)
     else:
         model, processor = load_backbone(cfg.backbone)

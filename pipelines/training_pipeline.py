@@ -24,7 +24,7 @@ def training_pipeline(
     id_scheme: str = "numeric",
     scheme_params: dict = {},
     embedder_seconds: float = 60.0,
-    backbone: str = "tiny",
+    backbone: str = "lite",
     memorize_settings: dict = {"epochs": 40, "max_seconds": 180},
     retrieve_settings: dict = {"epochs": 40, "max_seconds": 180},
     eval_gallery: str = "all",

@@ -75,6 +75,7 @@ def memorized(tmp_path_factory) -> TrainedRun:
     records = synthesize(root, n=12, seed=3, test_fraction=0.0)
     id_map = assign_identifiers(records, "numeric")
     cfg = TrainConfig(
+        backbone="tiny",
         tiny=SMALL_BACKBONE,
         epochs=40,
         batch_size=16,

@@ -116,6 +116,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(tiny_set, tmp_path):
 # grace train | retrieve | describe | evaluate
 # ---------------------------------------------------------------------------------------------
 SMALL_RUN = {
+    "backbone": "tiny",
     "tiny": {"vision_hidden": 64, "vision_layers": 1, "text_hidden": 128, "text_layers": 2},
     "batch_size": 16,
     "lr": 3e-3,

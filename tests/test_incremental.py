@@ -29,6 +29,7 @@ from tests.conftest import SMALL_BACKBONE
 
 def _cfg(epochs: int, lr: float) -> TrainConfig:
     return TrainConfig(
+        backbone="tiny",
         tiny=SMALL_BACKBONE,
         epochs=epochs,
         batch_size=16,

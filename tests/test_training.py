@@ -101,7 +101,9 @@ def test_atomic_ids_add_one_token_per_image_with_mean_initialised_rows(small_bac
 def test_training_with_atomic_ids_saves_the_grown_vocabulary(small_backbone, tmp_path):
     records = synthesize(tmp_path / "d", n=6, seed=2)
     id_map = assign_identifiers(records, "atomic")
-    cfg = TrainConfig(tiny=small_backbone, epochs=1, batch_size=8, checkpoint_every=0)
+    cfg = TrainConfig(
+        backbone="tiny", tiny=small_backbone, epochs=1, batch_size=8, checkpoint_every=0
+    )
     train(records, tmp_path / "d", id_map, tmp_path / "run", cfg, progress=False)
     gm = GraceModel.load(tmp_path / "run" / "model")
     assert gm.model.get_input_embeddings().weight.shape[0] == len(gm.tokenizer)
@@ -113,7 +115,7 @@ def test_training_with_atomic_ids_saves_the_grown_vocabulary(small_backbone, tmp
 def resume_config(backbone, **kw) -> TrainConfig:
     """53 steps of batch 4 over all four tasks; pseudo-queries for the 2 test images at epoch 1."""
     settings = dict(epochs=3, batch_size=4, lr=3e-3, warmup_steps=2, pseudo_query_epoch=1)
-    return TrainConfig(tiny=backbone, **{**settings, "checkpoint_every": 0, **kw})
+    return TrainConfig(backbone="tiny", tiny=backbone, **{**settings, "checkpoint_every": 0, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +246,9 @@ def test_zero2_trains_through_the_loop_like_plain_adamw(dist_env, small_backbone
     records = synthesize(tmp_path / "d", n=6, seed=4)
     held_out = [replace(r, split="test") for r in records]
     id_map = assign_identifiers(records, "numeric")
-    cfg = TrainConfig(tiny=small_backbone, epochs=4, batch_size=2, lr=3e-3, checkpoint_every=0)
+    cfg = TrainConfig(
+        backbone="tiny", tiny=small_backbone, epochs=4, batch_size=2, lr=3e-3, checkpoint_every=0
+    )
     runs = {}
     for name, ds in (("plain", None), ("zero2", str(ZERO2))):
         losses: list[float] = []
@@ -294,7 +298,9 @@ class Terminal(io.StringIO):
 def test_progress_bar_only_on_a_terminal(small_backbone, tmp_path, capsys, monkeypatch):
     records = synthesize(tmp_path / "d", n=4, seed=5)
     id_map = assign_identifiers(records, "numeric")
-    cfg = TrainConfig(tiny=small_backbone, epochs=2, batch_size=2, checkpoint_every=0)
+    cfg = TrainConfig(
+        backbone="tiny", tiny=small_backbone, epochs=2, batch_size=2, checkpoint_every=0
+    )
     train(records, tmp_path / "d", id_map, tmp_path / "log", cfg)
     assert "grace train" not in capsys.readouterr().err  # a log file gets no bar updates
     terminal = Terminal()
