@@ -181,7 +181,7 @@ def demo(
         "data"
     ),
     work: Annotated[Path, typer.Option(help="Pipeline root and MLflow store.")] = Path("work/demo"),
-    seconds: Annotated[float, typer.Option(help="Training budget of each training step.")] = 150,
+    seconds: Annotated[float, typer.Option(help="Training budget of each training step.")] = 120,
     ids_only: Annotated[
         bool, typer.Option("--ids-only", help="Only identifiers of every kind and their tries.")
     ] = False,

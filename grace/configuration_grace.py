@@ -71,7 +71,7 @@ class TrainConfig:
     """One run of learning to memorize + learning to retrieve.
 
     Paper settings on GPUs: lr 1e-4, 500 warm-up steps, weight decay 0.1, clipping 1.0, bf16,
-    5 epochs, ZeRO-3. The defaults below are what a from-scratch tiny model needs on a CPU.
+    5 epochs, ZeRO-3. The defaults below are what the lite backbone needs on a CPU.
     """
 
     # "lite" (frozen encoders + small decoder), "tiny" (an Idefics3 from scratch), a local path
@@ -93,8 +93,8 @@ class TrainConfig:
     side_task_captions: int | None = None  # captions per image for describe/caption (None: all)
     # optimisation
     epochs: int = 40
-    batch_size: int = 32
-    lr: float = 1e-3
+    batch_size: int = 64
+    lr: float = 3e-3  # the lite backbone's (its decoder is small); the tiny Idefics3 wants 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -109,9 +109,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.lite, dict):
-            self.lite = LiteBackboneConfig(**_typed(LiteBackboneConfig, self.lite))
+            self.lite = _nested(LiteBackboneConfig, self.lite, "lite")
         if isinstance(self.tiny, dict):
-            self.tiny = TinyBackboneConfig(**_typed(TinyBackboneConfig, self.tiny))
+            self.tiny = _nested(TinyBackboneConfig, self.tiny, "tiny")
         if isinstance(self.prompts, dict):
             self.prompts = Prompts(**self.prompts)
         if self.epochs < 1 or self.batch_size < 1 or self.memorize_repeats < 1:
@@ -128,11 +128,27 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Settings from a dict; ``"lite.hidden": 128`` style keys set one backbone field."""
+        d = dict(d)
+        for key in [k for k in d if "." in k]:
+            group, name = key.split(".", 1)
+            nested = d.get(group)
+            d[group] = {
+                **(vars(nested) if hasattr(nested, "__dataclass_fields__") else nested or {})
+            }
+            d[group][name] = d.pop(key)
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}")
         return cls(**_typed(cls, d))
+
+
+def _nested(cls: type, d: dict[str, Any], group: str) -> Any:
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {group} settings {sorted(unknown)}")
+    return cls(**_typed(cls, d))
 
 
 def _typed(cls: type, d: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,15 @@ def test_task_mix_settings_are_validated():
         TrainConfig(side_task_captions=0)
 
 
+def test_dotted_settings_set_one_backbone_field_and_unknown_ones_are_named():
+    cfg = TrainConfig.from_dict({"lite.image_grid": 2.0, "lite": {"hidden": 128}, "lr": 1e-3})
+    assert (cfg.lite.image_grid, cfg.lite.hidden, cfg.lr) == (2, 128, 1e-3)
+    assert isinstance(cfg.lite.image_grid, int)  # a KFP dict parameter's whole float
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"unknown lite settings \['nope'\]"):
+        TrainConfig.from_dict({"lite.nope": 1})
+
+
 def test_schedule_anneals_by_time_when_the_budget_is_wall_clock():
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_seconds=100.0)
     total = 10_000  # far more steps than the budget will allow
