@@ -52,11 +52,12 @@ SMALL = TinyBackboneConfig(
 )
 
 
-def config(epochs: int, lr: float, warmup: int, small: bool) -> TrainConfig:
+def config(epochs: int, lr: float, warmup: int, small: bool, args=None) -> TrainConfig:
     return TrainConfig(
+        backbone=getattr(args, "backbone", "tiny"),
         tiny=SMALL if small else TinyBackboneConfig(),
         epochs=epochs,
-        batch_size=16,
+        batch_size=getattr(args, "batch", 16),
         lr=lr,
         warmup_steps=warmup,
         describe_task=False,
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=40, help="epochs of a from-scratch training")
     p.add_argument("--lr", type=float, default=1e-3, help="lr of a from-scratch training")
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps from scratch")
+    p.add_argument("--backbone", default="tiny", help="lite or tiny (what the tables say)")
+    p.add_argument("--scheme", default="numeric", help="identifier scheme")
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--small", action="store_true", help="half-size tiny backbone")
     p.add_argument("--inc-epochs", type=int, default=20, help="epochs of an increment")
     p.add_argument(
@@ -99,12 +103,12 @@ def main(argv: list[str] | None = None) -> None:
         root = work / "data"
         records = synthesize(root, n=args.n + step * args.increments, seed=0)
         sets = [records[: args.n + step * i] for i in range(args.increments + 1)]
-        full_cfg = config(args.epochs, args.lr, args.warmup, args.small)
+        full_cfg = config(args.epochs, args.lr, args.warmup, args.small, args)
 
         def log(msg: str) -> None:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-        base_ids = assign_identifiers(sets[0], "numeric")
+        base_ids = assign_identifiers(sets[0], args.scheme)
         _, base_wall, base_cpu = timed(
             train, sets[0], root, base_ids, work / "base", full_cfg, progress=False
         )
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         if not args.no_full:
             plan = plan_update(original, sets[1])
-            ids = assign_identifiers(sets[1], "numeric")
+            ids = assign_identifiers(sets[1], args.scheme)
             full, wall, cpu = timed(
                 train, sets[1], root, ids, work / "full", full_cfg, progress=False
             )
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"full retrain: {wall:.0f} s")
         for ratio, lr in args.variants:
             replay = ReplayConfig(ratio=ratio)
-            inc_cfg = config(args.inc_epochs, lr, min(args.warmup, 10), args.small)
+            inc_cfg = config(args.inc_epochs, lr, min(args.warmup, 10), args.small, args)
             prev_dir, prev = base_dir, original
             for i in range(1, args.increments + 1):
                 plan = plan_update(prev, sets[i])
@@ -182,7 +186,8 @@ def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
         "",
         f"Demo set (`grace.synth`, seed 0), base of {args.n} images trained from scratch "
         f"({args.epochs} epochs, lr {args.lr:g}, warm-up {args.warmup}, "
-        f"{'half-size' if args.small else 'default'} tiny backbone, `numeric` ids, memorize + "
+        f"backbone `{args.backbone}`{' (half-size)' if args.small else ''}, `{args.scheme}` ids, "
+        f"batch {args.batch}, memorize + "
         f"retrieve; {base_wall:.0f} s wall, {base_cpu:.0f} s CPU). Each increment adds "
         f"{args.fraction:.0%} new images and continues from the previous model for "
         f"{args.inc_epochs} epochs on them plus a replayed sample of old images (ratio per new "
