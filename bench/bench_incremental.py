@@ -52,12 +52,12 @@ SMALL = TinyBackboneConfig(
 )
 
 
-def config(epochs: int, lr: float, warmup: int, small: bool, args=None) -> TrainConfig:
+def config(epochs: int, lr: float, warmup: int, args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        backbone=getattr(args, "backbone", "tiny"),
-        tiny=SMALL if small else TinyBackboneConfig(),
+        backbone=args.backbone,
+        tiny=SMALL if args.small else TinyBackboneConfig(),
         epochs=epochs,
-        batch_size=getattr(args, "batch", 16),
+        batch_size=args.batch,
         lr=lr,
         warmup_steps=warmup,
         describe_task=False,
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         root = work / "data"
         records = synthesize(root, n=args.n + step * args.increments, seed=0)
         sets = [records[: args.n + step * i] for i in range(args.increments + 1)]
-        full_cfg = config(args.epochs, args.lr, args.warmup, args.small, args)
+        full_cfg = config(args.epochs, args.lr, args.warmup, args)
 
         def log(msg: str) -> None:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"full retrain: {wall:.0f} s")
         for ratio, lr in args.variants:
             replay = ReplayConfig(ratio=ratio)
-            inc_cfg = config(args.inc_epochs, lr, min(args.warmup, 10), args.small, args)
+            inc_cfg = config(args.inc_epochs, lr, min(args.warmup, 10), args)
             prev_dir, prev = base_dir, original
             for i in range(1, args.increments + 1):
                 plan = plan_update(prev, sets[i])

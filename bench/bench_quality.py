@@ -31,6 +31,7 @@ import torch
 import transformers
 from benchmarks_md import write_section  # bench/ is on sys.path
 
+from grace.cli_support import parse_params
 from grace.configuration_dual_encoder import DualEncoderConfig
 from grace.configuration_grace import TrainConfig
 from grace.embedding import make_embedder
@@ -43,30 +44,10 @@ SCHEMES = ("numeric", "structured", "atomic")
 TARGET_MEMORIZATION = 0.99
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` pairs (JSON values, else strings); ``lite.KEY`` / ``tiny.KEY`` set a
-    backbone field."""
-    out: dict = {}
-    for item in items:
-        k, v = item.split("=", 1)
-        try:
-            value = json.loads(v)
-        except json.JSONDecodeError:
-            value = v
-        if k.startswith(("lite.", "tiny.")):
-            out.setdefault(k[:4], {})[k[5:]] = value
-        else:
-            out[k] = value
-    return out
-
-
 def train_config(seconds: float, threads: int, overrides: dict) -> TrainConfig:
-    base = TrainConfig().to_dict()
-    for backbone in ("lite", "tiny"):
-        base[backbone].update(overrides.pop(backbone, {}))
-    base.update(overrides)
-    base.update(max_seconds=seconds, num_threads=threads, checkpoint_every=0)
-    return TrainConfig.from_dict(base)
+    """The defaults, then ``--set`` (``lite.KEY`` sets a backbone field), then the budget."""
+    budget = {"max_seconds": seconds, "num_threads": threads, "checkpoint_every": 0}
+    return TrainConfig.from_dict({**TrainConfig().to_dict(), **overrides, **budget})
 
 
 def run_scheme(scheme, records, data, work, cfg, embedder, max_queries, params) -> dict:
@@ -200,8 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.dense_seconds = args.dense_seconds or args.seconds
     torch.set_num_threads(args.threads)
-    overrides = parse_overrides(args.set)
-    cfg = train_config(args.seconds, args.threads, dict(overrides))
+    overrides = parse_params(args.set, "--set")
+    cfg = train_config(args.seconds, args.threads, overrides)
     params: dict[str, dict] = {}
     for item in args.param:
         key, value = item.split("=", 1)

@@ -6,7 +6,7 @@ Defaults are for the tiny offline backbone on 2 CPU cores; the paper's GPU setti
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
 TINY_BACKBONE = "tiny"
@@ -132,11 +132,8 @@ class TrainConfig:
         d = dict(d)
         for key in [k for k in d if "." in k]:
             group, name = key.split(".", 1)
-            nested = d.get(group)
-            d[group] = {
-                **(vars(nested) if hasattr(nested, "__dataclass_fields__") else nested or {})
-            }
-            d[group][name] = d.pop(key)
+            nested = d.get(group) or {}
+            d[group] = {**(asdict(nested) if is_dataclass(nested) else nested), name: d.pop(key)}
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -64,29 +64,43 @@ def build_tiny_backbone(
             image_size=cfg.image_size,
             patch_size=cfg.patch_size,
         ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tok),
-            hidden_size=cfg.text_hidden,
-            intermediate_size=2 * cfg.text_hidden,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.heads,
-            num_key_value_heads=cfg.heads,
-            max_position_embeddings=512,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            tie_word_embeddings=False,
-        ),
+        text_config=llama_text_config(tok, cfg.text_hidden, cfg.text_layers, cfg.heads),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=cfg.scale_factor,
         pad_token_id=tok.pad_token_id,
     )
+    return seeded_model(Idefics3ForConditionalGeneration, config, tok, seed), processor
+
+
+def llama_text_config(
+    tok: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, intermediate: int = 0
+) -> dict:
+    """The small Llama decoder of the built-in backbones, sized to ``tok``'s vocabulary."""
+    return dict(
+        model_type="llama",
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def seeded_model(
+    cls: type[PreTrainedModel], config, tok: PreTrainedTokenizerBase, seed: int
+) -> PreTrainedModel:
+    """A random-init model, the same for a seed whatever the global RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Idefics3ForConditionalGeneration(config)
+        model = cls(config)
     _sync_generation_ids(model, tok)
-    return model, processor
+    return model
 
 
 def load_backbone(name_or_path: str | os.PathLike) -> tuple[PreTrainedModel, ProcessorMixin]:

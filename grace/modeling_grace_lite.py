@@ -37,6 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from grace.configuration_grace import LiteBackboneConfig
 from grace.frozen_encoders import IMAGE_FEATURE_DIM, SENTENCE_FEATURE_DIM
+from grace.modeling_backbone import llama_text_config, seeded_model
 from grace.processing_grace_lite import IMAGE_TOKEN, SENTENCE_TOKEN, GraceLiteProcessor
 from grace.tokenization import train_tokenizer
 
@@ -104,8 +105,11 @@ class GraceLiteModel(PreTrainedModel):
 
 
 class GraceLiteForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """Input embeddings resolve through the base model (``base_model_prefix``), the head is
+    ``lm_head``: transformers' default accessors find both."""
+
     config_class = GraceLiteConfig
-    base_model_prefix = ""
+    base_model_prefix = "model"
     _no_split_modules = ["LlamaDecoderLayer"]
     _supports_sdpa = True
 
@@ -115,18 +119,6 @@ class GraceLiteForConditionalGeneration(PreTrainedModel, GenerationMixin):
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.lm_head = value
 
     def _scatter(
         self, embeds: torch.Tensor, ids: torch.Tensor, token: int, values: torch.Tensor
@@ -219,19 +211,8 @@ def build_lite_backbone(
         tok, image_size=cfg.image_size, image_grid=cfg.image_grid, text_encoder=cfg.text_encoder
     )
     config = GraceLiteConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tok),
-            hidden_size=cfg.hidden,
-            intermediate_size=cfg.intermediate or 2 * cfg.hidden,
-            num_hidden_layers=cfg.layers,
-            num_attention_heads=cfg.heads,
-            num_key_value_heads=cfg.heads,
-            max_position_embeddings=512,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            tie_word_embeddings=False,
+        text_config=llama_text_config(
+            tok, cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate or 0
         ),
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         sentence_token_id=tok.convert_tokens_to_ids(SENTENCE_TOKEN),
@@ -240,7 +221,4 @@ def build_lite_backbone(
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GraceLiteForConditionalGeneration(config)
-    return model, processor
+    return seeded_model(GraceLiteForConditionalGeneration, config, tok, seed), processor

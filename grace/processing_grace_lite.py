@@ -31,7 +31,6 @@ from grace.frozen_encoders import PACKAGED_TEXT_ENCODER, image_features, sentenc
 PROCESSOR_FILE = "grace_lite_processor.json"
 IMAGE_TOKEN = "<image>"
 SENTENCE_TOKEN = "<sentence>"
-GENERATION_PROMPT = " :"  # what the chat template appends after a user turn
 
 
 class GraceLiteProcessor:
@@ -54,10 +53,6 @@ class GraceLiteProcessor:
     @property
     def image_tokens(self) -> int:
         return self.image_grid**2
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.tokenizer.chat_template
 
     def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> Any:
         return self.tokenizer.apply_chat_template(conversation, **kwargs)
@@ -83,8 +78,7 @@ class GraceLiteProcessor:
 
     @staticmethod
     def _sentence_text(prompt: str) -> str:
-        text = prompt.replace(SENTENCE_TOKEN, "").replace(IMAGE_TOKEN, "")
-        return text.removesuffix(GENERATION_PROMPT).strip()
+        return prompt.replace(SENTENCE_TOKEN, "").replace(IMAGE_TOKEN, "").strip()
 
     # ---- the processor call ----------------------------------------------------------------
     def __call__(
@@ -122,9 +116,6 @@ class GraceLiteProcessor:
         if text_only:
             data["sentence_features"] = self.sentence_features(text_only)
         return BatchFeature(data, tensor_type=return_tensors)
-
-    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
-        return self.tokenizer.batch_decode(*args, **kwargs)
 
     # ---- persistence -----------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:

@@ -158,7 +158,6 @@ def build_examples(
     ids_of: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
     for ident, key, seq in zip(index.identifiers, index.keys, index.sequences, strict=True):
         ids_of.setdefault(key, []).append((ident, seq))
-    out: list[Example] = []
     texts = texts if texts is not None else TextInputs(processor)
 
     def retrieve_prompts(r: ImageRecord, captions: list[str]) -> list[str]:
@@ -168,16 +167,9 @@ def build_examples(
     def describe_prompt(identifier: str) -> str:
         return user_turn(processor, prompts.describe.format(identifier=identifier), False)
 
-    needed: list[str] = []  # every text prompt, encoded in batches before the examples
-    for r in records:
-        live = ids_of.get(r.key)
-        captions = list(r.captions) if live and r.split == "train" else []
-        if "retrieve" in tasks:
-            needed += retrieve_prompts(r, captions)
-        if "describe" in tasks and captions:
-            needed.append(describe_prompt(live[0][0]))
-    texts.encode(needed)
-
+    # Text-prompt examples are drafted as (task, prompt, answer, gold) and made once every
+    # prompt is known: TextInputs encodes them in batches (a sentence encoder per prompt is slow).
+    drafts: list[Example | tuple[str, str, tuple[int, ...], int | None]] = []
     mem_prompt = user_turn(processor, prompts.memorize, with_image=True)
     cap_prompt = user_turn(processor, prompts.caption, with_image=True)
     for r in records:
@@ -191,20 +183,26 @@ def build_examples(
         if "memorize" in tasks:
             p = images.prompt_ids(mem_prompt, i)
             mem = [Example("memorize", p + seq + (eos,), len(p), i) for _, seq in live]
-            out += mem * memorize_repeats
+            drafts += mem * memorize_repeats
         if "retrieve" in tasks:
-            for prompt in retrieve_prompts(r, captions):
-                t = texts[prompt]
-                p = texts.token_ids[t]
-                gold = i if align else None
-                out.append(Example("retrieve", p + canonical, len(p), text=t, gold=gold))
+            gold = i if align else None
+            drafts += [("retrieve", q, canonical, gold) for q in retrieve_prompts(r, captions)]
         if "describe" in tasks and side:
-            t = texts[describe_prompt(live[0][0])]
-            p = texts.token_ids[t]
-            out += [Example("describe", p + answer_ids(processor, c), len(p), text=t) for c in side]
+            prompt = describe_prompt(live[0][0])
+            drafts += [("describe", prompt, answer_ids(processor, c), None) for c in side]
         if "caption" in tasks and side:
             p = images.prompt_ids(cap_prompt, i)
-            out += [Example("caption", p + answer_ids(processor, c), len(p), i) for c in side]
+            drafts += [Example("caption", p + answer_ids(processor, c), len(p), i) for c in side]
+    texts.encode([d[1] for d in drafts if isinstance(d, tuple)])
+    out: list[Example] = []
+    for d in drafts:
+        if isinstance(d, Example):
+            out.append(d)
+            continue
+        task, prompt, answer, gold = d
+        t = texts[prompt]
+        p = texts.token_ids[t]
+        out.append(Example(task, p + answer, len(p), text=t, gold=gold))
     return out
 
 

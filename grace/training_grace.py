@@ -191,13 +191,16 @@ def _start_or_resume(
         if latest is not None:
             state = json.loads((latest / STATE_FILE).read_text())
         return model, processor, state
-    texts = [c for r in live for c in r.captions]
-    texts += [id_map.token_text(i) for i, _ in id_map.identifiers()]
-    texts += [p for p in vars(cfg.prompts).values()]
-    if cfg.backbone == LITE_BACKBONE:
-        model, processor = build_lite_backbone(texts, cfg.lite, seed=cfg.seed)
-    elif cfg.backbone == TINY_BACKBONE:
-        model, processor = build_tiny_backbone(texts, cfg.tiny, seed=cfg.seed)
+    built_in = {
+        LITE_BACKBONE: (build_lite_backbone, cfg.lite),
+        TINY_BACKBONE: (build_tiny_backbone, cfg.tiny),
+    }
+    if cfg.backbone in built_in:  # its tokenizer is trained on the set's texts and the ids
+        build, sizes = built_in[cfg.backbone]
+        texts = [c for r in live for c in r.captions]
+        texts += [id_map.token_text(i) for i, _ in id_map.identifiers()]
+        texts += [p for p in vars(cfg.prompts).values()]
+        model, processor = build(texts, sizes, seed=cfg.seed)
     else:
         model, processor = load_backbone(cfg.backbone)
     add_identifier_vocabulary(model, processor, id_map.new_tokens())
