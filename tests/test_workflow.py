@@ -245,13 +245,8 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(
-    _chromium() is None and not os.environ.get("CI"),  # in CI a missing browser fails the test
-    reason="needs Debian's chromium (make test installs it when run as root)",
-)
-def test_mlflow_ui_shows_the_run_and_its_metrics(pipeline_run, tracking_uri, tmp_path):
-    _, parent, _, _, _ = pipeline_run
-    url = f"{tracking_uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+def _browse(url: str, screenshot: Path) -> str:
+    """Render ``url`` in headless Chromium: a screenshot, and the DOM it built."""
     flags = [
         _chromium(),
         "--headless",
@@ -263,17 +258,39 @@ def test_mlflow_ui_shows_the_run_and_its_metrics(pipeline_run, tracking_uri, tmp
         "--window-size=1400,1800",
         "--virtual-time-budget=20000",
     ]
-    shot = tmp_path / "run.png"
     subprocess.run(
-        [*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True
+        [*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True
     )
-    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
-    dom = subprocess.run(
+    assert screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
+    return subprocess.run(
         [*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
     ).stdout
+
+
+needs_chromium = pytest.mark.skipif(
+    _chromium() is None and not os.environ.get("CI"),  # in CI a missing browser fails the test
+    reason="needs Debian's chromium (make test installs it when run as root)",
+)
+
+
+@needs_chromium
+def test_mlflow_ui_shows_the_run_and_its_metrics(pipeline_run, tracking_uri, tmp_path):
+    _, parent, _, _, _ = pipeline_run
+    url = f"{tracking_uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    dom = _browse(url, tmp_path / "run.png")
     assert parent.info.run_name in dom
     for metric in ("grace_R_at_10", "memorization"):
         assert metric in dom, metric
+
+
+@needs_chromium
+def test_mlflow_ui_shows_the_champion_version(pipeline_run, tracking_uri, tmp_path):
+    _, _, client, _, _ = pipeline_run
+    champion = client.get_model_version_by_alias("grace", CHAMPION)
+    dom = _browse(f"{tracking_uri}/#/models/grace", tmp_path / "model.png")
+    assert f"Version {champion.version}" in dom
+    for alias in (CHAMPION, CHALLENGER):  # alias tags of the versions table
+        assert f'title="{alias}" data-component-id="codegen_mlflow_app_src_model-registry' in dom
 
 
 def test_pipeline_stops_at_validation_on_bad_data(tracking_uri, tmp_path):
