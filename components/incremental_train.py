@@ -19,13 +19,15 @@ def incremental_train(
     pipeline_key: str,
     model: Output[Model],
     plan: Output[Artifact],
+    processes: int = 1,
 ):
-    """``settings``: TrainConfig fields; ``replay``: ReplayConfig fields (ratio, minimum, seed)."""
+    """``settings``: TrainConfig fields; ``replay``: ReplayConfig fields (ratio, minimum, seed);
+    ``processes``: data-parallel training processes, one per GPU (needs ``deepspeed``)."""
     from grace.pipeline_steps import context, incremental_train
 
     summary = incremental_train(
         dataset.path, base_model, model.path, plan.path, settings=settings, replay=replay,
-        embedder=embedder, embedder_seconds=embedder_seconds,
+        embedder=embedder, embedder_seconds=embedder_seconds, processes=processes,
         ctx=context(tracking_uri, experiment, pipeline_key),
     )  # fmt: skip
     model.metadata.update(stage="incremental", base_model=base_model, **summary)

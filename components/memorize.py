@@ -16,12 +16,14 @@ def memorize(
     experiment: str,
     pipeline_key: str,
     model: Output[Model],
+    processes: int = 1,
 ):
-    """``settings``: TrainConfig fields (epochs, max_seconds, lr, deepspeed, ...)."""
+    """``settings``: TrainConfig fields (epochs, max_seconds, lr, deepspeed, ...); ``processes``:
+    data-parallel training processes in this task, one per GPU (needs ``deepspeed``)."""
     from grace.pipeline_steps import context, memorize
 
     summary = memorize(
         dataset.path, identifiers.path, model.path, backbone=backbone, settings=settings,
-        ctx=context(tracking_uri, experiment, pipeline_key),
+        processes=processes, ctx=context(tracking_uri, experiment, pipeline_key),
     )  # fmt: skip
     model.metadata.update(stage="memorize", **summary)

@@ -16,12 +16,14 @@ def retrieve(
     experiment: str,
     pipeline_key: str,
     model: Output[Model],
+    processes: int = 1,
 ):
-    """``settings``: TrainConfig fields (epochs, max_seconds, lr, deepspeed, ...)."""
+    """``settings``: TrainConfig fields (epochs, max_seconds, lr, deepspeed, ...); ``processes``:
+    data-parallel training processes in this task, one per GPU (needs ``deepspeed``)."""
     from grace.pipeline_steps import context, retrieve
 
     summary = retrieve(
         dataset.path, identifiers.path, memorized.path, model.path, settings=settings,
-        ctx=context(tracking_uri, experiment, pipeline_key),
+        processes=processes, ctx=context(tracking_uri, experiment, pipeline_key),
     )  # fmt: skip
     model.metadata.update(stage="retrieve", **summary)

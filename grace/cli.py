@@ -322,8 +322,8 @@ def train_cmd(
     backbone: Annotated[
         str | None,
         typer.Option(
-            help="'tiny' (offline default), a local model folder or a hub id "
-            "(default: the config's, else tiny)."
+            help="'lite' (offline default), 'tiny', a local model folder or a hub id "
+            "(default: the config's, else lite)."
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over all examples.")] = None,
@@ -332,6 +332,12 @@ def train_cmd(
     ] = None,
     deepspeed: Annotated[
         Path | None, typer.Option(help="DeepSpeed JSON config (ZeRO-2/3), e.g. configs/...")
+    ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            help="Data-parallel processes on this machine, one per GPU (needs --deepspeed)."
+        ),
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="JSON file of TrainConfig fields (overridden by flags).")
@@ -355,6 +361,8 @@ def train_cmd(
         fields["max_seconds"] = 60 * max_minutes
     if deepspeed is not None:
         fields["deepspeed"] = str(deepspeed)
+    if processes is not None:
+        fields["processes"] = processes
     cfg = TrainConfig.from_dict(fields)
     records, root = _load(data)
     gm = train(records, root, IdentifierMap.load(ids), out, cfg)

@@ -103,6 +103,9 @@ class TrainConfig:
     max_seconds: float | None = None  # stop early (and save) when the budget is spent
     num_threads: int | None = None
     deepspeed: str | None = None  # path of a DeepSpeed JSON config (ZeRO-2/3)
+    # data-parallel processes on this machine, one per GPU (needs ``deepspeed``); batch_size is
+    # the global batch, split between them. 1: train in this process.
+    processes: int = 1
     # checkpoints
     checkpoint_every: int = 200  # optimizer steps; 0 disables intermediate checkpoints
     keep_checkpoints: int = 2
@@ -114,8 +117,8 @@ class TrainConfig:
             self.tiny = _nested(TinyBackboneConfig, self.tiny, "tiny")
         if isinstance(self.prompts, dict):
             self.prompts = Prompts(**self.prompts)
-        if self.epochs < 1 or self.batch_size < 1 or self.memorize_repeats < 1:
-            raise ValueError("epochs, batch_size and memorize_repeats must be >= 1")
+        if min(self.epochs, self.batch_size, self.memorize_repeats, self.processes) < 1:
+            raise ValueError("epochs, batch_size, memorize_repeats and processes must be >= 1")
         if self.side_task_captions is not None and self.side_task_captions < 1:
             raise ValueError("side_task_captions must be >= 1 (or None for all captions)")
         if self.pseudo_query_epoch >= self.epochs:

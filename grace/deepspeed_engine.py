@@ -112,6 +112,10 @@ class TrainEngine(ABC):
         """
         return None
 
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        """A scalar (e.g. the loss of this rank's share) averaged over all ranks; collective."""
+        return float(value.detach())
+
 
 def _adamw(
     params: ParamGroups, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
@@ -234,6 +238,16 @@ class DeepSpeedTrainEngine(TrainEngine):
 
         deepspeed.comm.barrier()
 
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        import deepspeed.comm
+
+        world = deepspeed.comm.get_world_size()
+        if world == 1:
+            return float(value.detach())
+        total = value.detach().float().reshape(1).to(self.device).clone()
+        deepspeed.comm.all_reduce(total)  # SUM: gloo has no AVG
+        return float(total) / world
+
 
 def make_engine(
     model: torch.nn.Module,
@@ -277,7 +291,7 @@ def make_engine(
     ensure_dist_env()
     import deepspeed  # lazy: heavy, and only this path needs it
 
-    _skip_shm_comm_build_if_single_process()
+    _skip_shm_comm_build_on_cpu()
     # Our own AdamW (a factory, so DeepSpeed builds it after moving the model) unless the json
     # names one, e.g. DeepSpeedCPUAdam for ZeRO-Offload.
     client_opt = None
@@ -368,18 +382,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _skip_shm_comm_build_if_single_process() -> None:
-    """Stop DeepSpeed JIT-compiling its CPU shared-memory all-reduce for a one-process world.
+def _skip_shm_comm_build_on_cpu() -> None:
+    """Stop DeepSpeed JIT-compiling its CPU shared-memory all-reduce, which training never uses.
 
     On the CPU accelerator every ``TorchBackend()`` (built by ``deepspeed.initialize``) calls
     ``build_shm_op()``, which compiles ``deepspeed_shm_comm`` with ninja (75-140 s on 2 cores)
     whenever ``deepspeed.ops.__compatible_ops__`` marks it compatible (always on Linux) and no
-    prebuilt copy is installed. The op only serves inference all-reduce across >1 ranks, so with
-    one rank we mark it incompatible in that dict, which DeepSpeed caches and consults there
-    (no code is patched). CUDA's accelerator has no such builder, so GPU runs never build it.
+    prebuilt copy is installed. The op only serves ``inference_all_reduce`` (training's
+    ``all_reduce`` goes to torch.distributed), so we mark it incompatible in that dict, which
+    DeepSpeed caches and consults there (no code is patched). CUDA's accelerator has no such
+    builder, so GPU runs never build it.
     """
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu" and os.environ.get("WORLD_SIZE") == "1":
+    if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -171,10 +171,14 @@ def memorize(
     *,
     backbone: str = "lite",
     settings: dict[str, Any] | None = None,
+    processes: int = 1,
     ctx: StepContext = StepContext(),
 ) -> dict[str, Any]:
-    """Learning to memorize: image -> identifier (and image -> caption, for pseudo-queries)."""
+    """Learning to memorize: image -> identifier (and image -> caption, for pseudo-queries).
+
+    ``processes``: data-parallel training processes in this task, one per GPU (DeepSpeed)."""
     fixed = {"backbone": backbone, "retrieve_task": False, "describe_task": False}
+    fixed["processes"] = processes
     return _train_step("memorize", dataset_dir, ids, out_model, {**(settings or {}), **fixed}, ctx)
 
 
@@ -185,11 +189,12 @@ def retrieve(
     out_model: str | os.PathLike,
     *,
     settings: dict[str, Any] | None = None,
+    processes: int = 1,
     ctx: StepContext = StepContext(),
 ) -> dict[str, Any]:
     """Learning to retrieve: query -> identifier, from the memorized model, memorize batches
-    mixed in (as in the paper) so the images stay memorized."""
-    fixed = {"backbone": os.fspath(memorized_model), "retrieve_task": True}
+    mixed in (as in the paper) so the images stay memorized. ``processes`` as in memorize."""
+    fixed = {"backbone": os.fspath(memorized_model), "retrieve_task": True, "processes": processes}
     return _train_step("retrieve", dataset_dir, ids, out_model, {**(settings or {}), **fixed}, ctx)
 
 
@@ -402,17 +407,19 @@ def incremental_train(
     replay: dict[str, Any] | None = None,
     embedder: str = "dual-encoder",
     embedder_seconds: float = 60.0,
+    processes: int = 1,
     ctx: StepContext = StepContext(),
 ) -> dict[str, Any]:
     """Extend/retire identifiers of the base model and continue its training on the new images
-    plus a replay sample of old ones (no training at all when images were only removed)."""
+    plus a replay sample of old ones (no training at all when images were only removed).
+    ``processes``: data-parallel training processes in this task, one per GPU (DeepSpeed)."""
     from grace.configuration_grace import TrainConfig
     from grace.incremental import ReplayConfig, continue_training, plan_update, update_identifiers
     from grace.modeling_grace import GraceModel
     from grace.registry import download_grace_model, resolve_model
 
     records = _records(dataset_dir)
-    cfg = TrainConfig.from_dict({**(settings or {}), "backbone": "tiny"})
+    cfg = TrainConfig.from_dict({**(settings or {}), "backbone": "tiny", "processes": processes})
     replay_cfg = ReplayConfig(**(replay or {}))
     step_params = {**_flat(cfg.to_dict()), "base_model": base_model, **_flat({"replay": replay})}
     step_params.pop("backbone")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from grace.atomic_io import atomic_dir, replace_dir, write_json
 from grace.configuration_grace import LITE_BACKBONE, TINY_BACKBONE, TrainConfig
 from grace.deepspeed_engine import make_engine
+from grace.distributed_training import launch_training, rank_and_world, shard
 from grace.errors import GraceError
 from grace.identifier_index import IdentifierIndex
 from grace.identifiers import IdentifierMap
@@ -55,13 +56,25 @@ def train(
 
     ``stop_after_steps`` ends the run early after writing a checkpoint (what a kill looks like
     to the next run, minus the lost work since the last checkpoint). ``progress`` shows a bar
-    only when stderr is a terminal.
+    only when stderr is a terminal. With ``config.processes`` > 1 the run happens in that many
+    data-parallel processes (:mod:`grace.distributed_training`); under an outside launcher
+    this process is one rank and trains on its share of every batch.
     """
     cfg = config or TrainConfig()
     out, root = Path(out), Path(root)
     live = [r for r in records if r.key in id_map.ids]
     if not live:
         raise GraceError("no image of the set has a live identifier in this map")
+    rank, world = rank_and_world()
+    if cfg.processes > 1 and world == 1:  # not yet inside a launched world: start one
+        if stop_after_steps is not None:
+            raise ValueError("stop_after_steps is a one-process test hook (processes=1)")
+        return launch_training(records, root, id_map, out, cfg, callback, progress)
+    if world > 1 and cfg.deepspeed is None:
+        raise GraceError(
+            f"{world} ranks need a DeepSpeed config to average gradients: set deepspeed="
+            "configs/deepspeed/zero2.json (each rank would otherwise train alone on its share)"
+        )
     threads = _threads(cfg.num_threads)
     with threads:
         model, processor, state = _start_or_resume(live, id_map, out, cfg)
@@ -103,7 +116,7 @@ def train(
             ds_config_path=cfg.deepspeed,
             grad_clip=cfg.grad_clip,
             bf16=cfg.bf16,
-            micro_batch_size=cfg.batch_size,
+            micro_batch_size=math.ceil(cfg.batch_size / world),
         )
         step, epoch, first_batch = state["step"], state["epoch"], state["batch"]
         spent = float(state.get("seconds", 0.0))  # training time of the run before a resume
@@ -128,7 +141,8 @@ def train(
                 lr = _lr(step, total, cfg, spent + time.perf_counter() - t0)
                 engine.set_lr(lr)
                 batch_examples = [examples[n] for n in plan[b]]
-                batch = collate(batch_examples, images, tok.pad_token_id, texts)
+                mine = shard(batch_examples, rank, world)  # data parallel: this rank's share
+                batch = collate(mine, images, tok.pad_token_id, texts)
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 with engine.autocast():
                     loss = engine.model(**batch).loss
@@ -137,9 +151,10 @@ def train(
                 step += 1
                 seen += len(batch_examples)
                 elapsed = time.perf_counter() - t0
+                mean_loss = engine.mean_over_ranks(loss)
                 metrics = {
-                    "loss": float(loss.detach()),
-                    f"loss_{batch_examples[0].task}": float(loss.detach()),
+                    "loss": mean_loss,
+                    f"loss_{batch_examples[0].task}": mean_loss,
                     "lr": lr,
                     "epoch": epoch + (b + 1) / len(plan),
                     "samples_per_second": seen / max(elapsed, 1e-9),
@@ -169,7 +184,12 @@ def train(
             id_map,
             live,
             cfg.prompts,
-            info={"train_config": cfg.to_dict(), "steps": step, "complete": not stopped},
+            info={
+                "train_config": cfg.to_dict(),
+                "steps": step,
+                "complete": not stopped,
+                "world_size": world,
+            },
         )
         if stopped and stop_after_steps is not None and step >= stop_after_steps:
             return trained  # interrupted on purpose: the checkpoint is the artifact
@@ -204,16 +224,11 @@ def _start_or_resume(
     else:
         model, processor = load_backbone(cfg.backbone)
     add_identifier_vocabulary(model, processor, id_map.new_tokens())
-    if _is_main_process():  # every rank built the same model; concurrent renames would collide
+    if rank_and_world()[0] == 0:  # every rank built the same model; concurrent renames collide
         with atomic_dir(init) as tmp:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
     return model, processor, state
-
-
-def _is_main_process() -> bool:
-    """Rank 0 of a launcher's world (deepspeed, torchrun), or a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _latest_checkpoint(out: Path) -> Path | None:

@@ -40,6 +40,7 @@ def incremental_update(
     pipeline_key: str,
     train_accelerator_type: str,
     train_accelerator_limit: int,
+    train_processes: int,
     train_cpu_limit: str,
     train_memory_limit: str,
 ) -> bool:
@@ -57,6 +58,7 @@ def incremental_update(
         replay=replay,
         embedder=embedder,
         embedder_seconds=embedder_seconds,
+        processes=train_processes,
         **track,
     )
     train.set_caching_options(False)
@@ -110,6 +112,7 @@ def incremental_pipeline(
     experiment: str = "grace",
     train_accelerator_type: str = "nvidia.com/gpu",
     train_accelerator_limit: int = 0,
+    train_processes: int = 1,
     train_cpu_limit: str = "4",
     train_memory_limit: str = "16G",
 ) -> bool:
@@ -140,6 +143,7 @@ def incremental_pipeline(
             min_new_metric=min_new_metric,
             train_accelerator_type=train_accelerator_type,
             train_accelerator_limit=train_accelerator_limit,
+            train_processes=train_processes,
             train_cpu_limit=train_cpu_limit,
             train_memory_limit=train_memory_limit,
             **track,

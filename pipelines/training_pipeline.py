@@ -2,7 +2,9 @@
 
 Only wiring: every step is a component around one ``grace.pipeline_steps`` call. The data is named
 by a git+DVC repository and a revision, so KFP caching and MLflow lineage key on it. Training steps
-get the cluster resources given here (``kfp.local`` ignores them).
+get the cluster resources given here (``kfp.local`` ignores them); ``train_processes`` > 1 trains
+data-parallel in that many processes of the task, one per GPU (with a DeepSpeed config in the
+settings).
 """
 
 from kfp import dsl
@@ -39,6 +41,7 @@ def training_pipeline(
     experiment: str = "grace",
     train_accelerator_type: str = "nvidia.com/gpu",
     train_accelerator_limit: int = 0,
+    train_processes: int = 1,
     train_cpu_limit: str = "4",
     train_memory_limit: str = "16G",
 ) -> bool:
@@ -60,6 +63,7 @@ def training_pipeline(
         identifiers=ids.outputs["identifiers"],
         backbone=backbone,
         settings=memorize_settings,
+        processes=train_processes,
         **track,
     )
     ret = retrieve(
@@ -67,6 +71,7 @@ def training_pipeline(
         identifiers=ids.outputs["identifiers"],
         memorized=mem.outputs["model"],
         settings=retrieve_settings,
+        processes=train_processes,
         **track,
     )
     for task in (mem, ret):

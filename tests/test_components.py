@@ -27,6 +27,7 @@ from grace.tracking import local_store
 
 pytestmark = pytest.mark.slow
 TRAIN = {"epochs": 1, "batch_size": 16}
+ZERO2 = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json"
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +130,34 @@ def test_register_returns_the_gate_decision(steps):
     decision = json.loads(Path(steps["decision"].path).read_text())
     assert steps["promoted"] is decision["promoted"] is True
     assert steps["decision"].metadata == {"version": decision["version"], "promoted": True}
+
+
+def test_memorize_trains_in_two_processes_and_logs_rank_zeros_curve(steps, tmp_path):
+    """The component's ``processes`` option: two data-parallel ranks (DeepSpeed ZeRO-2 on gloo),
+    rank 0's loss relayed live to the step's MLflow run, one model written."""
+    from mlflow import MlflowClient
+
+    from grace.tracking import PIPELINE_KEY_TAG, experiment_id
+
+    tracking = local_store(tmp_path / "mlflow", experiment="dp")
+    experiment_id(tracking)  # artifacts under tmp_path, not ./mlruns
+    uri = tracking.uri
+    model = Model(name="memorized", uri=str(tmp_path / "memorized"), metadata={})
+    settings = {
+        **TRAIN, "epochs": 2, "batch_size": 4, "deepspeed": str(ZERO2),
+        "lite.hidden": 64, "lite.layers": 1, "lite.heads": 2, "lite.vocab_size": 400,
+    }  # fmt: skip
+    memorize.python_func(
+        dataset=steps["dataset"], identifiers=steps["ids"], backbone="lite", settings=settings,
+        model=model, processes=2, tracking_uri=uri, experiment="dp", pipeline_key="dp",
+    )  # fmt: skip
+    gm = GraceModel.load(model.path)
+    assert gm.info["world_size"] == 2 and gm.info["complete"]
+    assert model.metadata["steps"] == gm.info["steps"] > 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("dp").experiment_id],
+        f"tags.`{PIPELINE_KEY_TAG}` = 'dp/memorize'",
+    )
+    curve = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert curve[0] == 1 and curve[-1] == gm.info["steps"]
