@@ -1,11 +1,12 @@
 """Incremental re-memorization against a full retrain, and forgetting over successive increments.
 
-A base model is trained from scratch on ``--n`` demo images (``grace.synth``, tiny default
-backbone, ``numeric`` ids, memorize + retrieve in one run). Then 10 % new images arrive:
+A base model is trained from scratch on ``--n`` demo images (``grace.synth``, ``--backbone``,
+``--scheme`` ids, memorize + retrieve in one run). Then 10 % new images arrive:
 
 * full retrain: from scratch on the whole set, the base's settings;
 * incremental: ``grace.incremental`` continues from the base on the new images plus a replay
-  sample of old ones (ratio 1, at least 8), ``--inc-epochs`` epochs.
+  sample of old ones (``--variants``: ratio, lr, all weights or the new ids' rows only),
+  ``--inc-epochs`` epochs.
 
 Reported: wall time and CPU time of each training (``time.process_time``, the compute), old-image
 R@10 against the base on the same images, new-image memorization. Then two more increments of
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         "--variants",
         type=_variants,
         default="1:1e-3,4:3e-4",
-        help="increment settings RATIO:LR,... (replayed old images per new one, lr)",
+        help="increment settings RATIO:LR[:new],... (replayed old images per new one, lr; "
+        "'new': train only the new atomic ids' rows, the rest frozen)",
     )
     p.add_argument("--no-full", action="store_true", help="skip the full-retrain comparison")
     p.add_argument("--write", type=Path, help="put the section in this markdown file")
@@ -126,14 +128,14 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(_row(fm, "full retrain (= increment 1)", sets[1], len(sets[1]), full,
                              wall, cpu, fm))  # fmt: skip
             log(f"full retrain: {wall:.0f} s")
-        for ratio, lr in args.variants:
-            replay = ReplayConfig(ratio=ratio)
+        for ratio, lr, only_new in args.variants:
+            replay = ReplayConfig(ratio=ratio, only_new_ids=only_new)
             inc_cfg = config(args.inc_epochs, lr, min(args.warmup, 10), args)
             prev_dir, prev = base_dir, original
             for i in range(1, args.increments + 1):
                 plan = plan_update(prev, sets[i])
                 id_map = update_identifiers(prev.id_map, plan, sets[i])
-                out = work / f"inc-{ratio:g}-{lr:g}-{i}"
+                out = work / f"inc-{ratio:g}-{lr:g}-{only_new}-{i}"
                 cand, wall, cpu = timed(
                     continue_training, prev_dir, sets[i], root, id_map, plan, out, inc_cfg,
                     replay,
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 m = evaluate_old_new(cand, sets[i], root, plan, base=prev)
                 first = plan_update(original, sets[i])  # the original base's images
                 vs_original = evaluate_old_new(cand, sets[i], root, first, base=original)
-                name = f"increment {i} (replay {ratio:g}, lr {lr:g})"
+                name = f"increment {i} ({_variant_name(ratio, lr, only_new)})"
                 trained = len(plan.added) + len(plan.replay)
                 rows.append(_row(m, name, sets[i], trained, cand, wall, cpu, vs_original))
                 log(f"{name}: {wall:.0f} s")
@@ -168,9 +170,19 @@ def _row(m, name, records, trained, gm, wall, cpu, vs_original) -> dict:
     }
 
 
-def _variants(text: str) -> list[tuple[float, float]]:
-    """``1:1e-3,4:3e-4`` -> [(replay ratio, lr), ...]"""
-    return [(float(r), float(lr)) for r, lr in (v.split(":") for v in text.split(","))]
+def _variants(text: str) -> list[tuple[float, float, bool]]:
+    """``1:1e-3,4:3e-4:new`` -> [(replay ratio, lr, only new ids' rows), ...]"""
+    out = []
+    for v in text.split(","):
+        ratio, lr, *mode = v.split(":")
+        if mode not in ([], ["new"]):
+            raise argparse.ArgumentTypeError(f"variant {v!r}: expected RATIO:LR or RATIO:LR:new")
+        out.append((float(ratio), float(lr), bool(mode)))
+    return out
+
+
+def _variant_name(ratio: float, lr: float, only_new: bool) -> str:
+    return f"replay {ratio:g}, lr {lr:g}{', new ids only' if only_new else ''}"
 
 
 def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
@@ -191,7 +203,9 @@ def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
         f"retrieve; {base_wall:.0f} s wall, {base_cpu:.0f} s CPU). Each increment adds "
         f"{args.fraction:.0%} new images and continues from the previous model for "
         f"{args.inc_epochs} epochs on them plus a replayed sample of old images (ratio per new "
-        "image and lr in the run's name; at least 8). Old images: those the model it "
+        "image and lr in the run's name; at least 8; *new ids only*: every weight but the new "
+        "atomic ids' embedding rows frozen, `ReplayConfig.only_new_ids`). Old images: those "
+        "the model it "
         "started from had; R@10 on their "
         "held-out captions, gallery = every live image. Δ: against the model the run "
         "started from, on the same images; Δ orig: against the original base on its "
@@ -212,19 +226,20 @@ def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
         )
     full = next((r for r in rows if r["run"].startswith("full")), None)
     lines += ["", f"One query is {100 / rows[0]['old_queries']:.1f} pt of old-image R@10 here.", ""]
-    for ratio, lr in args.variants:
-        mine = [r for r in rows if r["run"].endswith(f"(replay {ratio:g}, lr {lr:g})")]
+    for ratio, lr, only_new in args.variants:
+        label = _variant_name(ratio, lr, only_new)
+        mine = [r for r in rows if r["run"].endswith(f"({label})")]
         inc = mine[0]
         if full:
             lines.append(
-                f"- replay {ratio:g}, lr {lr:g}: increment 1 against a full retrain: wall "
+                f"- {label}: increment 1 against a full retrain: wall "
                 f"{inc['wall'] / full['wall']:.0%}, CPU {inc['cpu'] / full['cpu']:.0%} (target "
                 f"<= 25 %); old-image R@10 {100 * inc['old_grace_R@10_change']:+.1f} pt (target "
                 f">= -1 pt); new-image memorization {inc['new_memorization']:.1%} (target >= 99 %)."
             )
         worst = min(100 * (r["orig_old_R@10"] - r["orig_base_R@10"]) for r in mine)
         lines.append(
-            f"- replay {ratio:g}, lr {lr:g}: over {len(mine)} increments the original images' "
+            f"- {label}: over {len(mine)} increments the original images' "
             f"R@10 moved by at worst {worst:+.1f} pt against the original base (tolerance -1 pt)."
         )
     return "\n".join(lines) + "\n"

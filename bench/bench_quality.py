@@ -50,7 +50,18 @@ def train_config(seconds: float, threads: int, overrides: dict) -> TrainConfig:
     return TrainConfig.from_dict({**TrainConfig().to_dict(), **overrides, **budget})
 
 
-def run_scheme(scheme, records, data, work, cfg, embedder, max_queries, params) -> dict:
+def two_steps(records, data, id_map, out: Path, cfg: TrainConfig, share: float, callback):
+    """The pipeline's memorize step (memorize only, ``share`` of the budget), then its retrieve
+    step from that model (memorize + retrieve, the rest): the paper's two steps in one budget."""
+    first = replace(cfg, retrieve_task=False, max_seconds=share * cfg.max_seconds)
+    train(records, data, id_map, out / "memorize", first, callback=callback, progress=False)
+    second = replace(
+        cfg, backbone=str(out / "memorize" / "model"), max_seconds=(1 - share) * cfg.max_seconds
+    )
+    return train(records, data, id_map, out / "retrieve", second, callback=callback, progress=False)
+
+
+def run_scheme(scheme, records, data, work, cfg, embedder, max_queries, params, share) -> dict:
     t0 = time.perf_counter()
     id_map = assign_identifiers(
         records,
@@ -64,15 +75,24 @@ def run_scheme(scheme, records, data, work, cfg, embedder, max_queries, params) 
     out = work / scheme
     shutil.rmtree(out, ignore_errors=True)  # train() resumes from what it finds there
     t0 = time.perf_counter()
-    gm = train(
-        records,
-        data,
-        id_map,
-        out,
-        cfg,
-        callback=lambda s, m: log.append((s, m)),
-        progress=False,
-    )
+    if share > 0:
+        phases: list[list] = []
+
+        def callback(s: int, m: dict) -> None:
+            if s == 1:
+                phases.append([])
+            phases[-1].append((s, m))
+
+        gm = two_steps(records, data, id_map, out, cfg, share, callback)
+        offset, epochs = 0, 0.0
+        for phase in phases:  # one curve: steps and epochs add up over the two steps
+            log += [(s + offset, {**m, "epoch": m["epoch"] + epochs}) for s, m in phase]
+            offset, epochs = log[-1][0], log[-1][1]["epoch"]
+    else:
+        gm = train(
+            records, data, id_map, out, cfg, callback=lambda s, m: log.append((s, m)),
+            progress=False,
+        )  # fmt: skip
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = evaluate(gm, records, data, gallery="all", dense=embedder, max_queries=max_queries)
@@ -113,7 +133,14 @@ def report(rows: list[dict], dense: dict, args, command: str, cfg: TrainConfig) 
         f"{int(rows[0]['images'])} images, {int(rows[0]['queries'])} held-out queries (captions "
         "of test-split images, gallery: all images). GRACE backbone: "
         f"`{cfg.backbone}` ({rows[0]['params_m']:.1f}M parameters); every run gets "
-        f"{args.seconds:.0f} s of training (`TrainConfig.max_seconds`); the dual encoder gets the "
+        f"{args.seconds:.0f} s of training (`TrainConfig.max_seconds`"
+        + (
+            f"; as the pipeline trains: memorize only for {args.memorize_share:.0%} of it, then "
+            "memorize + retrieve from that model"
+            if args.memorize_share
+            else "; one run mixing memorize and retrieve"
+        )
+        + f"); the dual encoder gets the "
         f"same {args.dense_seconds:.0f} s. Structured ids are clustered on that dual encoder's "
         "image embeddings, so their total budget is both trainings.",
         "",
@@ -163,6 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--max-queries", type=int, help="score only the first N held-out queries")
     p.add_argument(
+        "--memorize-share",
+        type=float,
+        default=0.0,
+        help="train as the pipeline does: memorize only for this share of the budget, then "
+        "memorize + retrieve from that model (0: one mixed run)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -209,7 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     for scheme in args.schemes.split(","):
         t0 = time.perf_counter()
         work = args.work / "runs"
-        row = run_scheme(scheme, records, data, work, cfg, embedder, args.max_queries, params)
+        row = run_scheme(
+            scheme, records, data, work, cfg, embedder, args.max_queries, params,
+            args.memorize_share,
+        )  # fmt: skip
         rows.append(row)
         print(
             f"{scheme}: {json.dumps({k: v for k, v in row.items()}, default=float)} "

@@ -106,6 +106,9 @@ class TrainConfig:
     # data-parallel processes on this machine, one per GPU (needs ``deepspeed``); batch_size is
     # the global batch, split between them. 1: train in this process.
     processes: int = 1
+    # train only the input and output embedding rows from this token index on (the atomic ids an
+    # incremental update added), every other weight frozen: the old images' scores cannot move
+    train_rows_from: int | None = None
     # checkpoints
     checkpoint_every: int = 200  # optimizer steps; 0 disables intermediate checkpoints
     keep_checkpoints: int = 2

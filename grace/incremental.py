@@ -42,6 +42,9 @@ class ReplayConfig:
     ratio: float = 1.0
     minimum: int = 8
     seed: int = 0
+    # atomic ids: train only the new identifiers' embedding rows, the rest of the model frozen,
+    # so the old images' scores stay exactly as they were (replayed images serve as negatives)
+    only_new_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.ratio < 0 or self.minimum < 0:
@@ -161,6 +164,13 @@ def continue_training(
         return gm
     subset = training_set(live, plan, replay)
     cfg = replace(config, backbone=os.fspath(base_dir), prompts=_prompts_of(base_dir))
+    if replay.only_new_ids:
+        if not id_map.new_tokens():
+            raise GraceError(
+                f"only_new_ids trains the new identifiers' own token rows, and {id_map.scheme!r} "
+                "identifiers have none: use atomic ids, or only_new_ids=false"
+            )
+        cfg = replace(cfg, train_rows_from=_vocabulary_size(base_dir))
     out_model = Path(out_model)
     out_model.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".incremental-") as scratch:
@@ -169,6 +179,14 @@ def continue_training(
     gm = GraceModel(trained.model, trained.processor, id_map, live, trained.prompts, info)
     gm.save(out_model)
     return gm
+
+
+def _vocabulary_size(base_dir: str | os.PathLike) -> int:
+    """Tokens of the base model's tokenizer: tokens an update adds get the ids after them (and
+    their embedding rows, whether the table grows or had spare padded rows)."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(os.fspath(base_dir), local_files_only=True))
 
 
 def _prompts_of(base_dir: str | os.PathLike):

@@ -109,9 +109,13 @@ def train(
                 live, index, processor, images, cfg.prompts, tasks, pseudo, **mix
             )
 
+        decay = cfg.weight_decay
+        if cfg.train_rows_from is not None:
+            _train_only_rows(model, cfg.train_rows_from)
+            decay = 0.0  # decoupled decay would shrink the frozen rows of the same tensors
         engine = make_engine(
             model,
-            _param_groups(model, cfg.weight_decay),
+            _param_groups(model, decay),
             lr=cfg.lr,
             ds_config_path=cfg.deepspeed,
             grad_clip=cfg.grad_clip,
@@ -264,6 +268,28 @@ def _save_checkpoint(
             shutil.rmtree(partial, ignore_errors=True)
         raise
     engine.barrier()
+
+
+def _train_only_rows(model: torch.nn.Module, start: int) -> None:
+    """Freeze everything but the embedding and output rows ``start:``: gradients of the other
+    rows are zeroed, so Adam (whose moments stay zero) and clipping leave them as they are."""
+    tables = {
+        id(t.weight): t.weight
+        for t in (model.get_input_embeddings(), model.get_output_embeddings())
+    }
+    rows = tables[id(model.get_input_embeddings().weight)].shape[0]
+    if not 0 < start < rows:
+        raise GraceError(
+            f"train_rows_from={start} leaves no row to train: the vocabulary has {rows} rows "
+            "(only atomic identifiers add rows)"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for weight in tables.values():
+        keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        keep[start:] = 1
+        weight.requires_grad_(True)
+        weight.register_hook(lambda grad, keep=keep: grad * keep)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -3,13 +3,14 @@ changes (one image removed, four added) and the model continues from its own wei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from grace.configuration_grace import TrainConfig
+from grace.errors import GraceError
 from grace.identifiers import IdentifierMap, assign_identifiers
 from grace.incremental import (
     ReplayConfig,
@@ -198,3 +199,53 @@ def test_incremental_gate_refuses_when_the_champion_moved_meanwhile():
     assert check_incremental_gate(metrics, gate, champion_version="3").promote
     moved = check_incremental_gate(metrics, gate, champion_version="4")
     assert not moved.promote and "stale" in moved.summary()
+
+
+@pytest.mark.slow
+def test_only_new_ids_leaves_every_old_weight_and_old_answer_as_it_was(tmp_path, one_thread):
+    """Atomic ids, ``only_new_ids``: the new ids' embedding rows are the only weights that move,
+    so the old images (all replayed here, as negatives) keep their memorized ids, and the new
+    images get theirs."""
+    from grace.configuration_grace import LiteBackboneConfig
+    from grace.evaluation import _load
+    from grace.training_grace import train
+
+    records = synthesize(tmp_path / "data", n=14, seed=2, test_fraction=0.0)
+    before, after = records[:10], records
+    lite = LiteBackboneConfig(hidden=64, layers=1, heads=2, vocab_size=400)
+    cfg = TrainConfig(lite=lite, epochs=60, batch_size=16, describe_task=False,
+                      caption_task=False, checkpoint_every=0, num_threads=1)  # fmt: skip
+    train(before, tmp_path / "data", assign_identifiers(before, "atomic"), tmp_path / "base", cfg,
+          progress=False)  # fmt: skip
+    base = GraceModel.load(tmp_path / "base" / "model")
+    plan = plan_update(base, after)
+    id_map = update_identifiers(base.id_map, plan, after)
+    cand = continue_training(
+        tmp_path / "base" / "model", after, tmp_path / "data", id_map, plan, tmp_path / "cand",
+        replace(cfg, epochs=150, lr=1e-2), ReplayConfig(ratio=3, only_new_ids=True),
+    )  # fmt: skip
+    old_rows = len(base.processor.tokenizer)
+    assert cand.info["train_config"]["train_rows_from"] == old_rows
+    new_state, old_state = cand.model.state_dict(), base.model.state_dict()
+    for name, old in old_state.items():
+        new = new_state[name]
+        if new.shape != old.shape:  # the embedding tables grew by the new ids' rows
+            torch.testing.assert_close(new[:old_rows], old[:old_rows], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(new, old, rtol=0, atol=0, msg=name)
+    images = [_load(tmp_path / "data", r) for r in after]
+    found = [h.key if h else None for h in cand.recall_identifiers(images)]
+    assert [h.key if h else None for h in base.recall_identifiers(images[:10])] == [
+        r.key for r in before
+    ]
+    assert found[:10] == [r.key for r in before]  # no new id took an old image
+    assert found[10:] == [r.key for r in after[10:]]  # the new images are memorized
+
+
+@pytest.mark.slow
+def test_only_new_ids_is_refused_for_ids_without_tokens_of_their_own(increment, tmp_path):
+    inc = increment  # numeric ids: digits, no token per image
+    with pytest.raises(GraceError, match="'numeric' identifiers have none: use atomic ids"):
+        continue_training(inc.base_dir, inc.after, inc.root, inc.id_map, inc.plan, tmp_path / "c",
+                          _cfg(1, 1e-3), ReplayConfig(only_new_ids=True))  # fmt: skip
+    assert not (tmp_path / "c").exists()
