@@ -19,7 +19,7 @@ from typing import Any
 
 from grace.atomic_io import atomic_dir, write_json, write_text
 from grace.errors import GraceError, InvalidInputError
-from grace.tracking import MetricsLogger, StepRun, Tracking, step_run
+from grace.tracking import MetricsLogger, StepRun, Tracking, for_uri, step_run
 
 REVISION_FILE = "revision.json"
 MANIFEST = "manifest.parquet"
@@ -35,7 +35,7 @@ class StepContext:
 
 def context(tracking_uri: str, experiment: str, pipeline_key: str) -> StepContext:
     """The context a KFP component builds from its plain parameters."""
-    return StepContext(Tracking(uri=tracking_uri, experiment=experiment), pipeline_key)
+    return StepContext(for_uri(tracking_uri, experiment), pipeline_key)
 
 
 # ---- 1. validate_data ------------------------------------------------------------------------

@@ -48,6 +48,16 @@ def local_store(folder: str | os.PathLike, experiment: str = "grace") -> Trackin
     )
 
 
+def for_uri(uri: str, experiment: str = "grace") -> Tracking:
+    """Tracking to ``uri``; a SQLite file store keeps its artifacts beside the database, as
+    :func:`local_store` lays them out (MLflow would otherwise use ./mlruns of the cwd)."""
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        artifacts = (db.parent / "artifacts").as_uri()
+    return Tracking(uri=uri, experiment=experiment, artifact_location=artifacts)
+
+
 def from_env(experiment: str = "grace") -> Tracking:
     """``MLFLOW_TRACKING_URI`` from the environment (off when unset)."""
     return Tracking(uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)

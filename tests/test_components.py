@@ -132,16 +132,16 @@ def test_register_returns_the_gate_decision(steps):
     assert steps["decision"].metadata == {"version": decision["version"], "promoted": True}
 
 
-def test_memorize_trains_in_two_processes_and_logs_rank_zeros_curve(steps, tmp_path):
+def test_memorize_trains_in_two_processes_and_logs_rank_zeros_curve(steps, tmp_path, monkeypatch):
     """The component's ``processes`` option: two data-parallel ranks (DeepSpeed ZeRO-2 on gloo),
-    rank 0's loss relayed live to the step's MLflow run, one model written."""
+    rank 0's loss relayed live to the step's MLflow run, one model written. A fresh SQLite store
+    named only by its URI keeps its artifacts beside the database, not in ./mlruns."""
     from mlflow import MlflowClient
 
-    from grace.tracking import PIPELINE_KEY_TAG, experiment_id
+    from grace.tracking import PIPELINE_KEY_TAG
 
-    tracking = local_store(tmp_path / "mlflow", experiment="dp")
-    experiment_id(tracking)  # artifacts under tmp_path, not ./mlruns
-    uri = tracking.uri
+    monkeypatch.chdir(tmp_path)
+    uri = local_store(tmp_path / "mlflow", experiment="dp").uri  # no experiment created yet
     model = Model(name="memorized", uri=str(tmp_path / "memorized"), metadata={})
     settings = {
         **TRAIN, "epochs": 2, "batch_size": 4, "deepspeed": str(ZERO2),
@@ -161,3 +161,5 @@ def test_memorize_trains_in_two_processes_and_logs_rank_zeros_curve(steps, tmp_p
     )
     curve = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert curve[0] == 1 and curve[-1] == gm.info["steps"]
+    assert run.info.artifact_uri.startswith((tmp_path / "mlflow" / "artifacts").as_uri())
+    assert not (tmp_path / "mlruns").exists()
