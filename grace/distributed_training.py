@@ -92,9 +92,10 @@ def launch_training(
     )
     # the spawned ranks inherit this process's authkey, so they can use the manager's queue
     with multiprocessing.Manager() as manager:
-        queue = manager.Queue() if callback is not None else None
-        relay = threading.Thread(target=_relay, args=(queue, callback), daemon=True)
-        if queue is not None:
+        queue = relay = None
+        if callback is not None:
+            queue = manager.Queue()
+            relay = threading.Thread(target=_relay, args=(queue, callback), daemon=True)
             relay.start()
         try:
             elastic_launch(launch, _rank_main)(
@@ -103,7 +104,7 @@ def launch_training(
         except ChildFailedError as e:
             raise GraceError(f"distributed training failed: {e.format_msg()}") from e
         finally:
-            if queue is not None:
+            if relay is not None:
                 queue.put(None)
                 relay.join()
     return GraceModel.load(Path(out) / "model")
@@ -131,9 +132,7 @@ def _rank_main(
     train(records, root, id_map, out, config, callback, progress=progress and rank == 0)
 
 
-def _relay(queue: Any, callback: MetricsCallback | None) -> None:
+def _relay(queue: Any, callback: MetricsCallback) -> None:
     """Hand rank 0's metrics to the caller's callback in this process, in step order."""
-    if queue is None or callback is None:
-        return
     while (item := queue.get()) is not None:
         callback(*item)

@@ -81,13 +81,17 @@ def _projector(d_in: int, d: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d), nn.GELU(), nn.Linear(d, d))
 
 
-class GraceLiteModel(PreTrainedModel):
-    """Projectors and the text model, without the head."""
+class GraceLitePreTrainedModel(PreTrainedModel):
+    """What transformers reads off both lite classes: config, weight prefix, SDPA support."""
 
     config_class = GraceLiteConfig
     base_model_prefix = "model"
     _no_split_modules = ["LlamaDecoderLayer"]
     _supports_sdpa = True
+
+
+class GraceLiteModel(GraceLitePreTrainedModel):
+    """Projectors and the text model, without the head."""
 
     def __init__(self, config: GraceLiteConfig):
         super().__init__(config)
@@ -104,14 +108,9 @@ class GraceLiteModel(PreTrainedModel):
         self.text_model.embed_tokens = value
 
 
-class GraceLiteForConditionalGeneration(PreTrainedModel, GenerationMixin):
+class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixin):
     """Input embeddings resolve through the base model (``base_model_prefix``), the head is
     ``lm_head``: transformers' default accessors find both."""
-
-    config_class = GraceLiteConfig
-    base_model_prefix = "model"
-    _no_split_modules = ["LlamaDecoderLayer"]
-    _supports_sdpa = True
 
     def __init__(self, config: GraceLiteConfig):
         super().__init__(config)

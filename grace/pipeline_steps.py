@@ -177,8 +177,8 @@ def memorize(
     """Learning to memorize: image -> identifier (and image -> caption, for pseudo-queries).
 
     ``processes``: data-parallel training processes in this task, one per GPU (DeepSpeed)."""
-    fixed = {"backbone": backbone, "retrieve_task": False, "describe_task": False}
-    fixed["processes"] = processes
+    fixed = {"backbone": backbone, "retrieve_task": False, "describe_task": False,
+             "processes": processes}  # fmt: skip
     return _train_step("memorize", dataset_dir, ids, out_model, {**(settings or {}), **fixed}, ctx)
 
 

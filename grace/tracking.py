@@ -41,16 +41,12 @@ def local_store(folder: str | os.PathLike, experiment: str = "grace") -> Trackin
     """A SQLite tracking store and a file artifact store, both under ``folder``."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    return Tracking(
-        uri=f"sqlite:///{folder / 'mlflow.db'}",
-        experiment=experiment,
-        artifact_location=(folder / "artifacts").as_uri(),
-    )
+    return for_uri(f"sqlite:///{folder / 'mlflow.db'}", experiment)
 
 
 def for_uri(uri: str, experiment: str = "grace") -> Tracking:
-    """Tracking to ``uri``; a SQLite file store keeps its artifacts beside the database, as
-    :func:`local_store` lays them out (MLflow would otherwise use ./mlruns of the cwd)."""
+    """Tracking to ``uri``; a SQLite file store keeps its artifacts in ``artifacts/`` beside
+    the database (MLflow would otherwise use ./mlruns of the working directory)."""
     artifacts = None
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///")).resolve()

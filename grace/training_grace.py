@@ -277,7 +277,7 @@ def _train_only_rows(model: torch.nn.Module, start: int) -> None:
         id(t.weight): t.weight
         for t in (model.get_input_embeddings(), model.get_output_embeddings())
     }
-    rows = tables[id(model.get_input_embeddings().weight)].shape[0]
+    rows = model.get_input_embeddings().weight.shape[0]
     if not 0 < start < rows:
         raise GraceError(
             f"train_rows_from={start} leaves no row to train: the vocabulary has {rows} rows "
