@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +120,9 @@ def submit(
     experiment: str = "grace",
     run_name: str | None = None,
     namespace: str | None = None,
-    client_factory: Callable[..., Any] | None = None,
 ) -> str:
     """Start one run on a KFP cluster (caching off: training must really train); its run id."""
-    client = _client(host, namespace, client_factory)
+    client = _client(host, namespace)
     result = client.create_run_from_pipeline_func(
         _pipeline(name),
         arguments=pipeline_arguments(name, arguments),
@@ -145,13 +143,12 @@ def schedule(
     experiment: str = "grace",
     job_name: str | None = None,
     namespace: str | None = None,
-    client_factory: Callable[..., Any] | None = None,
 ) -> str:
     """A recurring run on a KFP cluster. ``cron`` has six fields, seconds first (KFP's format):
     ``0 0 2 * * *`` is 02:00 daily. One run at a time, no catch-up of missed slots."""
     if len(cron.split()) != 6:
         raise GraceError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 2 * * *'")
-    client = _client(host, namespace, client_factory)
+    client = _client(host, namespace)
     exp = client.create_experiment(experiment, namespace=namespace)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(name, Path(tmp) / f"{name}.yaml")
@@ -168,7 +165,7 @@ def schedule(
     return job.recurring_run_id
 
 
-def _client(host: str, namespace: str | None, factory: Callable[..., Any] | None):
-    if factory is None:
-        from kfp import Client as factory  # noqa: N813
-    return factory(host=host, namespace=namespace)
+def _client(host: str, namespace: str | None) -> Any:
+    from kfp import Client
+
+    return Client(host=host, namespace=namespace)

@@ -1,12 +1,15 @@
-"""Fixtures shared by several test modules: a one-process DeepSpeed world, a small backbone and
-one GRACE model trained once per session on a tiny set it memorizes.
+"""Fixtures shared by several test modules: a one-process DeepSpeed world, a small backbone,
+one GRACE model trained once per session on a tiny set it memorizes, and a stand-in KFP API
+server for the real kfp.Client.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -17,6 +20,9 @@ from grace.modeling_grace import GraceModel
 from grace.records import ImageRecord
 from grace.synth import synthesize
 from grace.training_grace import train
+
+if TYPE_CHECKING:
+    from tests.kfp_api_standin import KfpApiStandIn
 
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
 # Half the default tiny backbone's width and depth: trains in seconds, still memorizes a dozen.
@@ -98,3 +104,19 @@ def memorized(tmp_path_factory) -> TrainedRun:
         callback=lambda s, m: metrics.append(m),
     )
     return TrainedRun(records, root, id_map, out, gm, metrics)
+
+
+@pytest.fixture
+def kfp_api(tmp_path, monkeypatch) -> Iterator[KfpApiStandIn]:
+    """The KFP API stand-in, and a kfp.Client that sees only it: no ~/.config/kfp context
+    (namespace, cookies) and no KF_PIPELINES_* variables (one renames experiments)."""
+    import kfp
+
+    from tests.kfp_api_standin import kfp_api_standin
+
+    monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
+    for var in list(os.environ):
+        if var.startswith("KF_PIPELINES_"):
+            monkeypatch.delenv(var)
+    with kfp_api_standin() as standin:
+        yield standin

@@ -1,12 +1,16 @@
 """Pipelines: compiled YAML kept current, arguments checked, cluster calls wired right.
 
-No KFP cluster is reachable here: submit/schedule are checked against a recording client that
-stands in for ``kfp.Client`` (the wiring, not the server).
+No KFP cluster is reachable here. submit and schedule run the real ``kfp.Client`` over HTTP
+against a stand-in for the KFP v2beta1 REST API (``tests/kfp_api_standin.py``, on 127.0.0.1):
+the tests check what an API server receives (endpoints, experiment, run name, the inline
+pipeline spec, runtime parameters, caching, the recurring run's trigger). What a cluster does
+with the run (Argo, the drivers, the pods) is not tested.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ import yaml
 from grace.errors import GraceError
 from pipelines import operations
 from pipelines.operations import COMPILED, compile_pipeline, pipeline_arguments
+from tests.kfp_api_standin import KfpApiStandIn, cached_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,53 +70,94 @@ def test_arguments_are_cast_and_checked():
         pipeline_arguments("nope", {})
 
 
-class RecordingClient:
-    """Stands in for kfp.Client: records what would be sent to the KFP API."""
-
-    calls: list = []
-
-    def __init__(self, host, namespace=None):
-        self.calls.append(("init", host, namespace))
-
-    def create_run_from_pipeline_func(self, func, **kw):
-        self.calls.append(("run", func.name, kw))
-        return type("R", (), {"run_id": "run-1"})()
-
-    def create_experiment(self, name, namespace=None):
-        self.calls.append(("experiment", name))
-        return type("E", (), {"experiment_id": "exp-1"})()
-
-    def create_recurring_run(self, **kw):
-        self.calls.append(("recurring", kw, Path(kw["pipeline_package_path"]).read_text()))
-        return type("J", (), {"recurring_run_id": "job-1"})()
+TRAINING_STEPS = {
+    "validate-data", "assign-identifiers", "memorize", "retrieve", "evaluate", "register"
+}  # fmt: skip
+EXPERIMENTS = "/apis/v2beta1/experiments"
 
 
-def test_submit_starts_one_uncached_run():
-    RecordingClient.calls = []
-    run = operations.submit(
-        "http://kfp", {"data_repo": "https://git/x", "data_rev": "v2"},
-        run_name="r", client_factory=RecordingClient,
-    )  # fmt: skip
-    assert run == "run-1"
-    (_, host, _), (_, name, kw) = RecordingClient.calls
-    assert host == "http://kfp" and name == "grace-training"
-    assert kw["enable_caching"] is False and kw["experiment_name"] == "grace"
-    assert kw["arguments"] == {"data_repo": "https://git/x", "data_rev": "v2"}
+def by_name(name: str) -> list[dict]:
+    """The filter kfp.Client lists experiments with to find one by name."""
+    return [{"operation": 1, "key": "display_name", "stringValue": name}]  # 1: EQUALS
 
 
-def test_schedule_creates_a_recurring_run_from_compiled_yaml():
-    RecordingClient.calls = []
-    job = operations.schedule(
-        "http://kfp", "0 0 2 * * *", {"data_repo": "https://git/x"},
-        client_factory=RecordingClient,
-    )  # fmt: skip
-    assert job == "job-1"
-    _, kw, package = RecordingClient.calls[-1]
-    assert kw["cron_expression"] == "0 0 2 * * *" and kw["max_concurrency"] == 1
-    assert kw["no_catchup"] is True and kw["experiment_id"] == "exp-1"
-    assert "grace-training" in package
+def test_submit_sends_the_training_pipeline_uncached_with_our_arguments(kfp_api):
+    args = {"data_repo": "https://git/x", "data_rev": "v2", "dense_seconds": 45,
+            "memorize_settings": {"epochs": 1}}  # fmt: skip
+    run = operations.submit(kfp_api.url, args, run_name="nightly")
+    calls = [(r.method, r.path) for r in kfp_api.requests]
+    assert calls == [
+        ("GET", "/apis/v2beta1/healthz"),  # kfp.Client's multi-user probe
+        ("GET", EXPERIMENTS),
+        ("POST", EXPERIMENTS),  # "grace" did not exist yet
+        ("POST", "/apis/v2beta1/runs"),
+    ]
+    assert json.loads(kfp_api.requests[1].query["filter"][0])["predicates"] == by_name("grace")
+    (experiment,) = kfp_api.experiments.values()
+    assert experiment["display_name"] == "grace"
+    (body,) = kfp_api.bodies("POST", "/runs")
+    assert body["experiment_id"] == experiment["experiment_id"]
+    assert body["display_name"] == "nightly"
+    assert body["pipeline_spec"]["pipelineInfo"]["name"] == "grace-training"
+    assert set(body["pipeline_spec"]["root"]["dag"]["tasks"]) == TRAINING_STEPS
+    params = body["runtime_config"]["parameters"]
+    assert params == {**args, "dense_seconds": 45.0} and isinstance(params["dense_seconds"], float)
+    assert cached_tasks(body["pipeline_spec"]) == []
+    assert run == kfp_api.requests[-1].answer["run_id"]
+
+
+def test_a_second_submit_reuses_the_experiment_by_name(kfp_api):
+    first = operations.submit(kfp_api.url, {"data_repo": "r"}, experiment="team-a")
+    second = operations.submit(kfp_api.url, {"data_repo": "r"}, experiment="team-a")
+    assert first != second
+    assert len(kfp_api.bodies("POST", "/experiments")) == 1
+    (experiment,) = kfp_api.experiments.values()
+    runs = kfp_api.bodies("POST", "/runs")
+    assert [r["experiment_id"] for r in runs] == [experiment["experiment_id"]] * 2
+    # no run name given: the pipeline's name and the time, as kfp itself would name it
+    assert all(r["display_name"].startswith("grace-training 20") for r in runs)
+
+
+def test_schedule_creates_a_recurring_run_one_at_a_time_without_catchup(kfp_api):
+    kfp_api.experiments["e-1"] = {"experiment_id": "e-1", "display_name": "grace"}
+    job = operations.schedule(kfp_api.url, "0 0 2 * * *", {"data_repo": "https://git/x"})
+    assert kfp_api.bodies("POST", "/experiments") == []  # found by name, reused
+    (body,) = kfp_api.bodies("POST", "/recurringruns")
+    assert body["experiment_id"] == "e-1" and body["display_name"] == "grace-training"
+    assert body["trigger"] == {"cron_schedule": {"cron": "0 0 2 * * *"}}
+    assert int(body["max_concurrency"]) == 1 and body["no_catchup"] is True
+    assert body["mode"] == "ENABLE"
+    assert body["pipeline_spec"]["pipelineInfo"]["name"] == "grace-training"
+    assert body["runtime_config"]["parameters"] == {"data_repo": "https://git/x"}
+    assert cached_tasks(body["pipeline_spec"]) == []
+    assert job == kfp_api.requests[-1].answer["recurring_run_id"]
+    kfp_api.requests.clear()
     with pytest.raises(GraceError, match="6 fields"):
-        operations.schedule("http://kfp", "0 2 * * *", {}, client_factory=RecordingClient)
+        operations.schedule(kfp_api.url, "0 2 * * *", {"data_repo": "r"})
+    assert kfp_api.requests == []  # refused before asking the server
+
+
+def test_the_standin_refuses_what_a_kfp_api_server_refuses(tmp_path):
+    """So that the stand-in accepting our requests means something."""
+    spec = yaml.safe_load(compile_pipeline("training", tmp_path / "p.yaml").read_text())
+    standin = KfpApiStandIn(experiments={"e": {"experiment_id": "e", "display_name": "g"}})
+    ok = {"experiment_id": "e", "display_name": "r", "pipeline_spec": spec,
+          "runtime_config": {"parameters": {"data_repo": "r"}}}  # fmt: skip
+
+    def status(path: str, **changes) -> int:
+        return standin.answer("POST", f"/apis/v2beta1{path}", {}, {**ok, **changes})[0]
+
+    assert status("/runs") == 200
+    assert status("/runs", experiment_id="nope") == 404
+    assert status("/runs", runtime_config={"parameters": {}}) == 400  # data_repo is required
+    assert status("/runs", runtime_config={"parameters": {"data_repo": "r", "x": 1}}) == 400
+    wrong_type = {"data_repo": "r", "max_queries": "many"}
+    assert status("/runs", runtime_config={"parameters": wrong_type}) == 400
+    assert status("/runs", pipeline_spec={**spec, "rooot": {}}) == 400
+    cron = {"cron_schedule": {"cron": "0 0 2 * * *"}}
+    assert status("/recurringruns", trigger=cron, max_concurrency=1) == 200
+    assert status("/recurringruns", trigger={"cron_schedule": {"cron": "0 2 * * *"}}) == 400
+    assert status("/recurringruns", trigger=cron, max_concurrency=11) == 400
 
 
 def test_the_grace_library_never_imports_kfp():
