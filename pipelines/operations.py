@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from grace.errors import GraceError
 
@@ -121,16 +124,21 @@ def submit(
     run_name: str | None = None,
     namespace: str | None = None,
 ) -> str:
-    """Start one run on a KFP cluster (caching off: training must really train); its run id."""
-    client = _client(host, namespace)
-    result = client.create_run_from_pipeline_func(
-        _pipeline(name),
-        arguments=pipeline_arguments(name, arguments),
-        run_name=run_name,
-        experiment_name=experiment,
-        namespace=namespace,
-        enable_caching=False,
-    )
+    """Start one run on a KFP cluster (caching off: training must really train); its run id.
+
+    The experiment is reused by name, or created."""
+    args = pipeline_arguments(name, arguments)
+    run_name = run_name or f"{_pipeline(name).name} {datetime.now():%Y-%m-%d %H-%M-%S}"
+    with tempfile.TemporaryDirectory() as tmp:
+        client = _client(host, namespace)
+        result = client.create_run_from_pipeline_package(
+            str(_uncached_package(name, Path(tmp))),
+            arguments=args,
+            run_name=run_name,
+            experiment_name=experiment,
+            namespace=namespace,
+            enable_caching=False,
+        )
     return result.run_id
 
 
@@ -145,24 +153,42 @@ def schedule(
     namespace: str | None = None,
 ) -> str:
     """A recurring run on a KFP cluster. ``cron`` has six fields, seconds first (KFP's format):
-    ``0 0 2 * * *`` is 02:00 daily. One run at a time, no catch-up of missed slots."""
+    ``0 0 2 * * *`` is 02:00 daily. One run at a time, no catch-up of missed slots, caching
+    off."""
     if len(cron.split()) != 6:
         raise GraceError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 2 * * *'")
-    client = _client(host, namespace)
-    exp = client.create_experiment(experiment, namespace=namespace)
+    args = pipeline_arguments(name, arguments)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(name, Path(tmp) / f"{name}.yaml")
+        client = _client(host, namespace)
+        exp = client.create_experiment(experiment, namespace=namespace)
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id,
             job_name=job_name or f"grace-{name}",
             cron_expression=cron,
             max_concurrency=1,
             no_catchup=True,
-            params=pipeline_arguments(name, arguments),
-            pipeline_package_path=str(package),
+            params=args,
+            pipeline_package_path=str(_uncached_package(name, Path(tmp))),
             enable_caching=False,
         )
     return job.recurring_run_id
+
+
+def _uncached_package(name: str, folder: Path) -> Path:
+    """The pipeline compiled with caching off on every task at every depth.
+
+    kfp.Client's ``enable_caching=False`` only reaches the root DAG's tasks: the steps inside a
+    ``dsl.If`` or a sub-pipeline (the incremental pipeline's validate and evaluate) would still
+    be served from cache."""
+    path = compile_pipeline(name, folder / f"{name}_pipeline.yaml")
+    docs = list(yaml.safe_load_all(path.read_text()))
+    spec = docs[0]
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    for dag in dags:
+        for task in dag.get("tasks", {}).values():
+            task["cachingOptions"] = {}  # enableCache false (protobuf JSON leaves false out)
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return path
 
 
 def _client(host: str, namespace: str | None) -> Any:

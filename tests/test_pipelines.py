@@ -118,6 +118,18 @@ def test_a_second_submit_reuses_the_experiment_by_name(kfp_api):
     assert all(r["display_name"].startswith("grace-training 20") for r in runs)
 
 
+def test_the_incremental_pipeline_is_submitted_uncached_at_every_depth(kfp_api):
+    """kfp.Client's enable_caching=False reaches only the root DAG; the incremental pipeline's
+    steps sit inside a dsl.If and a sub-pipeline."""
+    operations.submit(kfp_api.url, {"data_repo": "r"}, name="incremental")
+    (body,) = kfp_api.bodies("POST", "/runs")
+    spec = body["pipeline_spec"]
+    nested = [c for c in spec["components"].values() if c.get("dag", {}).get("tasks")]
+    assert nested and "validate-data" in str(nested)  # there is something below the root
+    assert spec["pipelineInfo"]["name"] == "grace-incremental"
+    assert cached_tasks(spec) == []
+
+
 def test_schedule_creates_a_recurring_run_one_at_a_time_without_catchup(kfp_api):
     kfp_api.experiments["e-1"] = {"experiment_id": "e-1", "display_name": "grace"}
     job = operations.schedule(kfp_api.url, "0 0 2 * * *", {"data_repo": "https://git/x"})
