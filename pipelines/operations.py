@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from grace.errors import GraceError
+from pipelines.kfp_api_errors import kfp_api_errors
 
 COMPILED = Path(__file__).parent / "compiled"
 
@@ -129,7 +131,7 @@ def submit(
     The experiment is reused by name, or created."""
     args = pipeline_arguments(name, arguments)
     run_name = run_name or f"{_pipeline(name).name} {datetime.now():%Y-%m-%d %H-%M-%S}"
-    with tempfile.TemporaryDirectory() as tmp:
+    with kfp_api_errors(host), tempfile.TemporaryDirectory() as tmp:
         client = _client(host, namespace)
         result = client.create_run_from_pipeline_package(
             str(_uncached_package(name, Path(tmp))),
@@ -158,7 +160,7 @@ def schedule(
     if len(cron.split()) != 6:
         raise GraceError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 2 * * *'")
     args = pipeline_arguments(name, arguments)
-    with tempfile.TemporaryDirectory() as tmp:
+    with kfp_api_errors(host), tempfile.TemporaryDirectory() as tmp:
         client = _client(host, namespace)
         exp = client.create_experiment(experiment, namespace=namespace)
         job = client.create_recurring_run(
@@ -194,4 +196,6 @@ def _uncached_package(name: str, folder: Path) -> Path:
 def _client(host: str, namespace: str | None) -> Any:
     from kfp import Client
 
-    return Client(host=host, namespace=namespace)
+    with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": noise
+        warnings.filterwarnings("ignore", "This client only works", FutureWarning)
+        return Client(host=host, namespace=namespace)

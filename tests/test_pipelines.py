@@ -3,23 +3,28 @@
 No KFP cluster is reachable here. submit and schedule run the real ``kfp.Client`` over HTTP
 against a stand-in for the KFP v2beta1 REST API (``tests/kfp_api_standin.py``, on 127.0.0.1):
 the tests check what an API server receives (endpoints, experiment, run name, the inline
-pipeline spec, runtime parameters, caching, the recurring run's trigger). What a cluster does
-with the run (Argo, the drivers, the pods) is not tested.
+pipeline spec, runtime parameters, caching, the recurring run's trigger) and how its errors
+reach a user. What a cluster does with the run (Argo, the drivers, the pods) is not tested.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from grace.cli import app
 from grace.errors import GraceError
 from pipelines import operations
 from pipelines.operations import COMPILED, compile_pipeline, pipeline_arguments
 from tests.kfp_api_standin import KfpApiStandIn, cached_tasks
+from tests.servers import BIN, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,6 +175,62 @@ def test_the_standin_refuses_what_a_kfp_api_server_refuses(tmp_path):
     assert status("/recurringruns", trigger=cron, max_concurrency=1) == 200
     assert status("/recurringruns", trigger={"cron_schedule": {"cron": "0 2 * * *"}}) == 400
     assert status("/recurringruns", trigger=cron, max_concurrency=11) == 400
+
+
+def test_server_errors_are_one_line_naming_the_host(kfp_api):
+    kfp_api.failures[("POST", "/apis/v2beta1/runs")] = (500, "database is locked")
+    with pytest.raises(GraceError) as got:
+        operations.submit(kfp_api.url, {"data_repo": "r"})
+    assert str(got.value) == (
+        f"the KFP API at {kfp_api.url} refused: HTTP 500 Internal Server Error: database is locked"
+    )
+    kfp_api.failures[("GET", EXPERIMENTS)] = (403, "user is not allowed in namespace")
+    with pytest.raises(GraceError, match=f"{kfp_api.url} refused: HTTP 403.*not allowed"):
+        operations.schedule(kfp_api.url, "0 0 2 * * *", {"data_repo": "r"})
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(GraceError, match=f"cannot reach the KFP API at {nobody}"):
+        operations.submit(nobody, {"data_repo": "r"})
+
+
+def test_cli_submit_as_a_user_runs_it(kfp_api, tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    cmd = [
+        str(BIN / "grace"), "pipeline", "submit", "--host", kfp_api.url,
+        "--data-repo", "https://git/x", "--rev", "v3", "--experiment", "team-a",
+        "--run-name", "by-hand", "-p", "dense_seconds=45",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (body,) = kfp_api.bodies("POST", "/runs")
+    (run,) = [line for line in done.stdout.splitlines() if line.startswith("submitted run ")]
+    assert run.split()[-1] == kfp_api.requests[-1].answer["run_id"]
+    assert [e["display_name"] for e in kfp_api.experiments.values()] == ["team-a"]
+    assert body["display_name"] == "by-hand"
+    assert body["runtime_config"]["parameters"] == {
+        "data_repo": "https://git/x", "data_rev": "v3", "dense_seconds": 45.0,
+        "tracking_uri": "http://mlflow:5000",
+    }  # fmt: skip
+    assert "Traceback" not in done.stderr and "FutureWarning" not in done.stderr
+
+
+def test_cli_schedule_and_a_refusing_server(kfp_api):
+    runner = CliRunner()
+    ok = runner.invoke(app, [
+        "pipeline", "schedule", "--host", kfp_api.url, "--cron", "0 30 1 * * 1-5",
+        "--data-repo", "https://git/x", "--job-name", "weekdays",
+    ])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    (body,) = kfp_api.bodies("POST", "/recurringruns")
+    assert body["display_name"] == "weekdays"
+    assert body["trigger"]["cron_schedule"]["cron"] == "0 30 1 * * 1-5"
+    assert body["runtime_config"]["parameters"]["data_rev"] == "main"
+    kfp_api.failures[("POST", "/apis/v2beta1/recurringruns")] = (503, "unavailable")
+    bad = runner.invoke(app, [
+        "pipeline", "schedule", "--host", kfp_api.url, "--cron", "0 0 2 * * *",
+        "--data-repo", "https://git/x",
+    ])  # fmt: skip
+    assert bad.exit_code == 2 and bad.exception is not None  # typer.Exit, not an ApiException
+    assert f"error: the KFP API at {kfp_api.url} refused: HTTP 503" in bad.output
 
 
 def test_the_grace_library_never_imports_kfp():
