@@ -1,4 +1,5 @@
-"""``grace watch``: once per new data revision, across restarts, on a real git repository."""
+"""``grace watch``: once per new data revision, across restarts, on a real git repository; with
+``--host``, through the real kfp.Client to a stand-in KFP API server (tests/kfp_api_standin.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from grace.cli import app
 from grace.errors import GraceError
 from grace.watching import Watcher, remote_head
+from tests.kfp_api_standin import cached_tasks
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -155,3 +157,33 @@ def test_watch_cli_needs_exactly_one_of_local_and_host(repo, tmp_path):
     result = CliRunner().invoke(app, ["watch", "--data-repo", str(repo), "--once"])
     assert result.exit_code == 2
     assert "--local" in result.output and "--host" in result.output
+
+
+def test_watch_host_submits_the_incremental_pipeline_once_per_new_revision(
+    repo, tmp_path, kfp_api, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    state = tmp_path / "state.json"
+    watch = ["watch", "--data-repo", str(repo), "--host", kfp_api.url, "--once",
+             "--state", str(state)]  # fmt: skip
+    first = commit(repo, "data.dvc", "md5: a\n")
+    result = CliRunner().invoke(app, watch)
+    assert result.exit_code == 0, result.output
+    (body,) = kfp_api.bodies("POST", "/runs")
+    assert body["display_name"] == f"incremental-{first[:12]}"
+    assert body["pipeline_spec"]["pipelineInfo"]["name"] == "grace-incremental"
+    assert body["runtime_config"]["parameters"] == {"data_repo": str(repo), "data_rev": first}
+    assert cached_tasks(body["pipeline_spec"]) == []
+    run_id = kfp_api.requests[-1].answer["run_id"]
+    assert json.loads(state.read_text())["revisions"][first]["result"] == run_id
+    assert CliRunner().invoke(app, watch).exit_code == 0
+    assert len(kfp_api.bodies("POST", "/runs")) == 1  # the same revision is not sent again
+
+    # the server refuses the next revision: recorded as failed, in words naming the server
+    kfp_api.failures[("POST", "/apis/v2beta1/runs")] = (503, "ml-pipeline is restarting")
+    second = commit(repo, "data.dvc", "md5: b\n")
+    result = CliRunner().invoke(app, watch)
+    assert result.exit_code == 0  # a failed run does not end the watch
+    said = f"the KFP API at {kfp_api.url} refused: HTTP 503 Service Unavailable"
+    assert f"{second[:12]}: failed {said}: ml-pipeline is restarting" in result.output
+    assert json.loads(state.read_text())["revisions"][second]["status"] == "failed"
