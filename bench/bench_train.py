@@ -44,7 +44,7 @@ def run_case(deepspeed: bool, threads: int, images: int, steps: int, warmup: int
         cfg = TrainConfig(
             describe_task=False,
             caption_task=False,
-            pseudo_queries=False,
+            pseudo_queries="off",
             epochs=1000,
             batch_size=16,
             num_threads=threads,

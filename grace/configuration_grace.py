@@ -11,6 +11,7 @@ from typing import Any, get_type_hints
 
 TINY_BACKBONE = "tiny"
 LITE_BACKBONE = "lite"
+PSEUDO_QUERY_SOURCES = ("auto", "nearest", "caption", "off")
 
 
 @dataclass
@@ -84,10 +85,16 @@ class TrainConfig:
     # the paper's first step; a run from its checkpoint with both on is the second.
     retrieve_task: bool = True  # query -> id
     describe_task: bool = True  # id -> caption: the "beyond retrieval" ability
-    caption_task: bool = True  # image -> caption: what pseudo-queries are generated with
-    pseudo_queries: bool = True  # images without train captions get generated queries
-    pseudo_query_epoch: int = 0  # epoch at whose start pseudo-queries are generated (0: off)
-    pseudo_queries_per_image: int = 1
+    caption_task: bool = True  # image -> caption: what "caption" pseudo-queries are made with
+    # pseudo-queries (grace.pseudo_queries): images without train captions get queries for
+    # learning to retrieve. "nearest": train captions the model's query-image alignment puts
+    # next to the image (lite); "caption": the model's own caption (needs caption_task);
+    # "auto": nearest where the backbone aligns, else off; "off".
+    pseudo_queries: str = "auto"
+    # made at the first epoch start where this share of the epochs, or of max_seconds, is done
+    # (late enough for the alignment or the captions to be good)
+    pseudo_query_at: float = 0.7
+    pseudo_queries_per_image: int = 10  # nearest captions per image ("caption" makes one)
     # task mix per epoch
     memorize_repeats: int = 1  # each image's memorize example appears this many times
     side_task_captions: int | None = None  # captions per image for describe/caption (None: all)
@@ -124,10 +131,14 @@ class TrainConfig:
             raise ValueError("epochs, batch_size, memorize_repeats and processes must be >= 1")
         if self.side_task_captions is not None and self.side_task_captions < 1:
             raise ValueError("side_task_captions must be >= 1 (or None for all captions)")
-        if self.pseudo_query_epoch >= self.epochs:
+        if self.pseudo_queries not in PSEUDO_QUERY_SOURCES:
             raise ValueError(
-                f"pseudo_query_epoch {self.pseudo_query_epoch} must be < epochs {self.epochs}"
+                f"pseudo_queries must be one of {PSEUDO_QUERY_SOURCES}, got {self.pseudo_queries!r}"
             )
+        if not 0.0 < self.pseudo_query_at < 1.0:
+            raise ValueError(f"pseudo_query_at must be in (0, 1), got {self.pseudo_query_at}")
+        if self.pseudo_queries_per_image < 1:
+            raise ValueError("pseudo_queries_per_image must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -185,14 +185,27 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
     ) -> torch.Tensor:
         """InfoNCE of projected queries against their images' projected features; rows that
         share an image are all positives of each other."""
-        q = F.normalize(query.reshape(query.shape[0], -1, query.shape[-1]).mean(1), dim=-1)
-        img = self.model.image_projector(gold_image_features).mean(1)
-        img = F.normalize(img, dim=-1)
+        q = _unit_mean(query)
+        img = self.align_images(gold_image_features)
         same = gold_image_features.flatten(1)[:, None] == gold_image_features.flatten(1)[None]
         same = same.all(-1).float()
         logits = q @ img.T / self.config.alignment_temperature
         target = same / same.sum(1, keepdim=True)
         return -(target * logits.log_softmax(1)).sum(1).mean()
+
+    def align_queries(self, sentence_features: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+        """``(n, d)`` unit vectors of text-only prompts in the space the alignment loss trains,
+        where a query lies next to the images it describes (pseudo-queries are chosen there)."""
+        return _unit_mean(self.model.sentence_projector(sentence_features))
+
+    def align_images(self, image_features: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+        """``(n, d)`` unit vectors of images in the same space as :meth:`align_queries`."""
+        return _unit_mean(self.model.image_projector(image_features))
+
+
+def _unit_mean(x: torch.Tensor) -> torch.Tensor:
+    """One unit vector per row of ``(n, tokens, d)`` placeholder embeddings."""
+    return F.normalize(x.reshape(x.shape[0], -1, x.shape[-1]).mean(1), dim=-1)
 
 
 AutoConfig.register(MODEL_TYPE, GraceLiteConfig)

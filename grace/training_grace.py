@@ -35,6 +35,7 @@ from grace.modeling_backbone import (
 )
 from grace.modeling_grace import GraceModel
 from grace.modeling_grace_lite import build_lite_backbone
+from grace.pseudo_queries import model_captions, nearest_captions, resolve_source
 from grace.records import ImageRecord
 from grace.task_examples import ImageInputs, TextInputs, build_examples, collate, plan_epoch
 
@@ -94,15 +95,12 @@ def train(
         }
         examples = build_examples(live, index, processor, images, cfg.prompts, tasks, **mix)
         needy = [r for r in live if not (r.split == "train" and r.captions)]
-        use_pseudo = (
-            cfg.retrieve_task
-            and cfg.pseudo_queries
-            and cfg.caption_task
-            and cfg.pseudo_query_epoch > 0
-        )
+        source = _pseudo_query_source(model, cfg) if needy else "off"
+        use_pseudo = source != "off"
         # planned from the examples without pseudo-queries, so a run resumed after they were
         # generated follows the same lr schedule as one that never stopped
-        extra = len(needy) * cfg.pseudo_queries_per_image if use_pseudo else 0
+        per_image = cfg.pseudo_queries_per_image if source == "nearest" else 1
+        extra = len(needy) * per_image if use_pseudo else 0
         total = _total_steps(examples, cfg, extra)
         if pseudo is not None:
             examples = build_examples(
@@ -134,8 +132,18 @@ def train(
         seen = 0
         stopped = False
         while epoch < cfg.epochs and not stopped:
-            if use_pseudo and pseudo is None and epoch >= cfg.pseudo_query_epoch:
-                pseudo = _pseudo_queries(engine.model, processor, id_map, live, needy, images, cfg)
+            done = max(epoch / cfg.epochs, _time_share(cfg, spent + time.perf_counter() - t0))
+            # at an epoch's start only: a run resumed mid-epoch keeps that epoch's plan
+            if use_pseudo and pseudo is None and first_batch == 0 and done >= cfg.pseudo_query_at:
+                engine.model.eval()
+                if source == "nearest":
+                    pseudo = nearest_captions(
+                        engine.module, processor, live, needy, images, texts, cfg.prompts,
+                        cfg.pseudo_queries_per_image,
+                    )  # fmt: skip
+                else:
+                    gm = GraceModel(engine.module, processor, id_map, live, cfg.prompts)
+                    pseudo = model_captions(gm, needy, images, per_image=1)
                 examples = build_examples(
                     live, index, processor, images, cfg.prompts, tasks, pseudo, **mix
                 )
@@ -332,25 +340,27 @@ def _total_steps(examples, cfg: TrainConfig, extra_retrieve: int) -> int:
     before = per_epoch(sizes)
     sizes[("retrieve", False)] = sizes.get(("retrieve", False), 0) + extra_retrieve
     after = per_epoch(sizes)
-    p = cfg.pseudo_query_epoch if extra_retrieve else cfg.epochs
+    # the epoch whose start reaches pseudo_query_at (a time budget may reach it sooner)
+    p = min(math.ceil(cfg.pseudo_query_at * cfg.epochs - 1e-9), cfg.epochs)
+    p = p if extra_retrieve else cfg.epochs
     return before * p + after * (cfg.epochs - p)
 
 
-def _pseudo_queries(
-    model, processor, id_map, live, needy, images: ImageInputs, cfg: TrainConfig
-) -> dict[str, list[str]]:
-    """Queries for images without train captions, from the model's own captions of them."""
-    if not needy:
-        return {}
-    model.eval()
-    gm = GraceModel(model, processor, id_map, live, cfg.prompts)
-    pics = [images.load(r) for r in needy]
-    out: dict[str, list[str]] = {}
-    for _ in range(cfg.pseudo_queries_per_image):
-        for r, text in zip(needy, gm.caption(pics), strict=True):
-            if text:
-                out.setdefault(r.key, []).append(text)
-    return out
+def _time_share(cfg: TrainConfig, seconds: float) -> float:
+    return seconds / cfg.max_seconds if cfg.max_seconds else 0.0
+
+
+def _pseudo_query_source(model: torch.nn.Module, cfg: TrainConfig) -> str:
+    """Where this run's pseudo-queries come from ("off" when it trains no retrieval)."""
+    if not cfg.retrieve_task:
+        return "off"
+    source = resolve_source(cfg.pseudo_queries, model)
+    if source == "caption" and not cfg.caption_task:
+        raise GraceError(
+            "pseudo_queries='caption' captions images with the caption task: set "
+            "caption_task=true, or pseudo_queries='nearest' (lite) or 'off'"
+        )
+    return source
 
 
 def _threads(n: int | None):

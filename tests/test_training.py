@@ -114,7 +114,10 @@ def test_training_with_atomic_ids_saves_the_grown_vocabulary(small_backbone, tmp
 # ---- resuming ----------------------------------------------------------------------------------
 def resume_config(backbone, **kw) -> TrainConfig:
     """53 steps of batch 4 over all four tasks; pseudo-queries for the 2 test images at epoch 1."""
-    settings = dict(epochs=3, batch_size=4, lr=3e-3, warmup_steps=2, pseudo_query_epoch=1)
+    settings = dict(
+        epochs=3, batch_size=4, lr=3e-3, warmup_steps=2, pseudo_queries="caption",
+        pseudo_query_at=0.3,
+    )  # fmt: skip
     return TrainConfig(backbone="tiny", tiny=backbone, **{**settings, "checkpoint_every": 0, **kw})
 
 
