@@ -291,6 +291,28 @@ class Trie:
         child = self._child(np.asarray(nodes, dtype=np.int64), np.asarray(tokens), live_only=True)
         return np.where(child >= 0, child, self._sink)
 
+    def live_edges(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(row, token, child)`` of every live edge leaving ``nodes[row]``, rows ascending and
+        tokens ascending within a row.
+
+        What a decoder that keeps each beam's node needs at a step: the few tokens each beam may
+        emit and the node each one leads to, read straight off the CSR arrays (no full-vocabulary
+        mask, no search for the child). A dead end (see ``advance``) has no edges.
+        """
+        nodes = np.asarray(nodes, dtype=np.int64)
+        lo = self.first_child[nodes].astype(np.int64)
+        deg = self.first_child[nodes + 1] - lo
+        row = np.repeat(np.arange(nodes.size), deg)
+        edge = np.arange(row.size) + np.repeat(lo - (np.cumsum(deg) - deg), deg)
+        child = edge + 1
+        live = self.count[child] > 0
+        return row[live], self.edge_token[edge[live]].astype(np.int64), child[live]
+
+    @property
+    def dead_end(self) -> int:
+        """A node without children, where ``advance`` parks rows that left the trie."""
+        return int(self._sink)
+
     def node_mask(self, nodes: np.ndarray, vocab_size: int) -> torch.Tensor:
         """Boolean ``(len(nodes), vocab_size)``: the live edges leaving each node (root: 0)."""
         nodes = np.asarray(nodes, dtype=np.int64)
