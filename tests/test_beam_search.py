@@ -60,6 +60,10 @@ def test_plain_llama_gets_fused_steps(llama):
     llama.train()
     assert LlamaSteps.of(llama) is None  # training: the model's own forward
     llama.eval()
+    config = LlamaConfig(**{**llama.config.to_dict(), "rope_parameters": None})
+    config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 100.0, "factor": 2.0}
+    dynamic = LlamaForCausalLM(config).eval()
+    assert LlamaSteps.of(dynamic) is None  # angles depend on the length: no table of them
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -109,6 +113,31 @@ def test_constraining_from_nodes_follows_the_processor_rules():
     row, tok = np.nonzero(np.isfinite(got))
     free = ~np.isin(row, np.flatnonzero(~trie.node_mask(nodes, 60).numpy().any(1)))
     assert (child[row, tok][free] == trie.advance(nodes[row], tok)[free]).all()
+
+
+def test_grouped_query_attention_and_scaled_rope_fuse_alike():
+    """Fused steps pair rotary halves per head: with fewer key heads than query heads and a
+    non-default rotary type the rankings are still ``generate``'s."""
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "linear", "rope_theta": 100.0, "factor": 2.0},
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    assert model.model.rotary_emb.rope_type == "linear"
+    ids = _ids(40, seed=5)
+    new, ref = _both(model, _prompts(), Trie(ids, eos_token_id=EOS), 6, max(map(len, ids)) + 1)
+    width = ref.sequences.shape[2]
+    assert torch.equal(new.sequences[..., :width], ref.sequences)
+    torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
 
 
 def test_one_beam_is_greedy_with_a_score(llama):
