@@ -67,6 +67,8 @@ def trie_beam_search(
     ``trie=None`` is plain beam search (then ``eos_token_id`` is needed): the baseline that the
     trie's cost is measured against. With ``fused_steps`` a plain Llama decoder runs its beam
     steps through ``LlamaSteps`` (same results, less overhead); other models use their forward.
+    A model with ``prompt_embeddings(input_ids, **extra)`` has its featured prompts prefilled
+    by the fused steps as well.
     """
     if trie is None and eos_token_id is None:
         raise ValueError("plain beam search (no trie) needs eos_token_id")
@@ -82,14 +84,18 @@ def trie_beam_search(
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     position = _positions(mask)
     fused = LlamaSteps.of(model) if fused_steps else None
-    if fused is not None and not extra:  # a text prompt: prefill through the fused layers too
+    embed = getattr(model, "prompt_embeddings", None) if extra else None
+    if fused is not None and (not extra or embed is not None):  # prefill fused too
         keys, values = fused.empty_buffers(batch, width + beams * max_new_tokens, ids)
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         # pads attend to themselves only, so that their (unused) states stay finite
         keep_prompt = (causal & mask.bool()[:, None, :]) | torch.eye(
             width, dtype=torch.bool, device=device
         )
-        logits = fused.step(ids, position, keep_prompt, keys, values, 0, last_only=True)
+        embeds = embed(ids, **extra) if extra else None
+        logits = fused.step(
+            ids, position, keep_prompt, keys, values, 0, last_only=True, embeds=embeds
+        )
         filled = width
     else:
         out = model(

@@ -5,8 +5,9 @@ costs ~2 ms of Python and small ops whatever the size, which is most of a query.
 one fused QKV and one fused gate/up matmul per layer, keys and values are written into buffers
 allocated once per search (no cache concatenation), and nothing else runs: the RMSNorm weights
 are folded into the matmul after them, rotary angles come from a table and turn queries and keys
-with one complex multiply, and one additive attention mask serves all layers. The prefill
-(images included) still goes through the model, whose cache is copied into the buffers.
+with one complex multiply, and one additive attention mask serves all layers. A prompt with
+images or other features is prefilled by the model (whose cache is then copied into the buffers)
+unless the model gives its input embeddings (``prompt_embeddings``, as the lite backbone does).
 
 Only plain Llama layers qualify (``LlamaDecoderLayer``: RMSNorm, rotary embeddings, SiLU gated
 MLP, no biases); anything else returns ``None`` from ``LlamaSteps.of`` and the caller keeps
@@ -167,12 +168,14 @@ class LlamaSteps:
         values: list[torch.Tensor],
         filled: int,
         last_only: bool = False,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(batch, new, vocab)`` of ``tokens`` ``(batch, new)``; their keys and values go
         to positions ``filled:filled + new`` of the buffers; ``keep`` ``(batch, new, filled +
         new)`` says which cached tokens each new one attends to. ``last_only``: logits of the
-        last new token only (a prefill)."""
-        x = F.embedding(tokens, self.embed.weight)
+        last new token only (a prefill). ``embeds``: the tokens' input embeddings, when the model
+        puts more than token embeddings there (projected features)."""
+        x = F.embedding(tokens, self.embed.weight) if embeds is None else embeds
         turn = self._rotation(positions)
         b, t = tokens.shape
         end = filled + t
