@@ -115,6 +115,38 @@ def test_constraining_from_nodes_follows_the_processor_rules():
     assert (child[row, tok][free] == trie.advance(nodes[row], tok)[free]).all()
 
 
+def test_fused_weights_follow_the_model_and_run_without_onednn(llama, monkeypatch):
+    """The cached fused copy is reused while the weights stay, rebuilt once they change in
+    place; plain ``F.linear`` (no oneDNN prepacking, as on a GPU) ranks alike."""
+    from grace import llama_steps
+    from grace.llama_steps import LlamaSteps
+
+    steps = LlamaSteps.of(llama)
+    assert LlamaSteps.of(llama) is steps
+    trie = Trie(_ids(40, seed=6), eos_token_id=EOS)
+    before = trie_beam_search(
+        llama, _prompts(), trie, num_beams=4, max_new_tokens=5, pad_token_id=PAD
+    )
+    with torch.no_grad():
+        llama.lm_head.weight.mul_(3.0)
+    try:
+        assert LlamaSteps.of(llama) is not steps
+        new, ref = _both(llama, _prompts(), trie, 4, 5)
+        assert not torch.allclose(new.scores, before.scores)
+        torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(llama_steps, "_packed_matmuls", lambda like: False)
+        llama._grace_llama_steps = None
+        assert not LlamaSteps.of(llama).packed
+        new, ref = _both(llama, _prompts(), trie, 4, 5)
+        width = ref.sequences.shape[2]
+        assert torch.equal(new.sequences[..., :width], ref.sequences)
+        torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            llama.lm_head.weight.div_(3.0)
+        llama._grace_llama_steps = None
+
+
 def test_grouped_query_attention_and_scaled_rope_fuse_alike():
     """Fused steps pair rotary halves per head: with fewer key heads than query heads and a
     non-default rotary type the rankings are still ``generate``'s."""
