@@ -254,10 +254,31 @@ def test_bench_command_writes_plot_and_logs_to_mlflow(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "b" / "query_latency.json").read_text())
     assert [r["ids"] for r in result["rows"]] == [100, 2000]
     assert all(r["grace_ms"] > 0 and r["dense_ms"] > 0 for r in result["rows"])
-    assert "Crossover against dense" in res.output
+    assert "Crossover, GRACE against dense" in res.output
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["grace-bench"], output_format="list")
     assert len(runs) == 1
     assert runs[0].data.metrics["floor_ms"] > 0
     artifacts = mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)
     assert [a.path for a in artifacts] == ["query_latency.png"]
+
+
+@pytest.mark.slow
+def test_bench_times_the_lite_backbone_and_its_sentence_encoding(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from grace.cli import app
+
+    args = ["bench", "--out", str(tmp_path), "--sizes", "100,2000", "--queries", "2"]
+    args += ["--batch-size", "2", "--repeats", "1", "--beams", "3", "--no-reference"]
+    res = CliRunner().invoke(app, [*args, "--backbone", "lite"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "query_latency.json").read_text())
+    assert result["config"]["backbone"] == "lite"
+    assert all(r["encode_ms"] > 0 and r["encode_batched_ms"] > 0 for r in result["rows"])
+    assert "MiniLM single" in res.output
+    assert "Crossover, GRACE + MiniLM encoding against dense" in res.output
+    bad = CliRunner().invoke(app, [*args, "--backbone", "huge"])
+    assert bad.exit_code != 0 and "expected one of tiny, lite" in bad.output
