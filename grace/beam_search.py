@@ -218,17 +218,17 @@ def _constrain(
     """
     n, vocab = log_probs.shape
     row, tok, child = trie.live_edges(nodes)
-    inside = tok < vocab
-    row, tok, child = row[inside], tok[inside], child[inside]
-    stuck = np.ones(n, dtype=bool)
-    stuck[row] = False
-    if eos < vocab and stuck.any():
-        rest = np.flatnonzero(stuck)
+    if trie.top_token >= vocab:
+        inside = tok < vocab
+        row, tok, child = row[inside], tok[inside], child[inside]
+    allowed = np.bincount(row, minlength=n)
+    if eos < vocab and not allowed.all():
+        rest = np.flatnonzero(allowed == 0)
         row = np.concatenate([row, rest])
         tok = np.concatenate([tok, np.full(rest.size, eos)])
         child = np.concatenate([child, nodes[rest]])
     values = log_probs[row, tok]
-    if np.isneginf(values).any():
+    if values.size and values.min() == -np.inf:
         best = np.full(n, -np.inf, dtype=values.dtype)
         np.maximum.at(best, row, values)
         values = np.where(np.isneginf(best[row]), np.finfo(values.dtype).min / 2, values)

@@ -93,25 +93,30 @@ def test_fewer_identifiers_than_beams_as_generate(llama, ids, beams):
     torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
 
 
-def test_constraining_from_nodes_follows_the_processor_rules():
+@pytest.mark.parametrize("vocab, removed", [(60, False), (50, False), (60, True)])
+def test_constraining_from_nodes_follows_the_processor_rules(vocab, removed):
     """Scores from the beams' nodes equal ``constrain_scores`` on the full mask (stuck rows
-    may emit EOS, rows whose allowed tokens all score -inf get them at finfo.min / 2), and each
-    allowed token leads to the node ``advance`` finds."""
+    may emit EOS, rows whose allowed tokens all score -inf get them at finfo.min / 2, tokens
+    past the vocabulary and removed ids are not allowed), and each allowed token leads to the
+    node ``advance`` finds."""
     from grace.beam_search import _constrain
     from grace.trie import constrain_scores
 
-    trie = Trie(_ids(40, seed=4), eos_token_id=EOS)
+    ids = _ids(40, seed=4)
+    trie = Trie(ids, eos_token_id=EOS)
+    if removed:
+        trie.remove(ids[::3])
     rng = np.random.default_rng(0)
     nodes = np.concatenate([rng.integers(0, trie.num_nodes, 30), [0, trie.dead_end]])
-    log_probs = torch.log_softmax(torch.randn(nodes.size, 60), -1).numpy()
+    log_probs = torch.log_softmax(torch.randn(nodes.size, vocab), -1).numpy()
     log_probs[-2] = -np.inf  # the root, with nothing finite: every allowed token is hopeless
     got, child = _constrain(trie, nodes, log_probs.copy(), EOS)
-    want = constrain_scores(torch.from_numpy(log_probs), trie.node_mask(nodes, 60), EOS)
+    want = constrain_scores(torch.from_numpy(log_probs), trie.node_mask(nodes, vocab), EOS)
     np.testing.assert_array_equal(got, want.numpy())
     assert (got[-2][np.isfinite(got[-2])] == np.finfo(np.float32).min / 2).all()
-    assert np.isfinite(got[-1]).tolist() == [t == EOS for t in range(60)]  # stuck: EOS only
+    assert np.isfinite(got[-1]).tolist() == [t == EOS for t in range(vocab)]  # EOS only
     row, tok = np.nonzero(np.isfinite(got))
-    free = ~np.isin(row, np.flatnonzero(~trie.node_mask(nodes, 60).numpy().any(1)))
+    free = ~np.isin(row, np.flatnonzero(~trie.node_mask(nodes, vocab).numpy().any(1)))
     assert (child[row, tok][free] == trie.advance(nodes[row], tok)[free]).all()
 
 
