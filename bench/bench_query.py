@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--beams", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-reference", action="store_true", help="skip timing generate")
     p.add_argument("--write", type=Path, help="put the tables in this markdown file's section")
     p.add_argument("--plot", type=Path, help="PNG of the first thread count's latencies")

@@ -469,7 +469,7 @@ def bench_cmd(
     queries: int = 16,
     batch_size: int = 16,
     beams: int = 10,
-    repeats: int = 5,
+    repeats: int = 7,
     reference: Annotated[bool, typer.Option(help="Also time transformers' generate.")] = True,
     mlflow_uri: Annotated[
         str | None,

@@ -52,7 +52,7 @@ class QueryBenchConfig:
     num_beams: int = 10
     batch_size: int = 16  # queries per call in the batched rows
     queries: int = 16  # distinct queries timed (single-query rows take each in turn)
-    repeats: int = 5  # figures are medians over this many runs
+    repeats: int = 7  # figures are medians over this many runs
     threads: int = 1
     reference: bool = True  # also time transformers' generate (the path before trie_beam_search)
     id_space: int = 1_000_000  # ids are distinct random numbers below this
@@ -193,10 +193,15 @@ def run_query_benchmark(
         for n in cfg.sizes:
             for mode, shape in shapes.items():  # the floor's rate, under this size's load
                 rates[mode][n].append(linear_gflops(text, rows=shape, repeats=10))
-            # call by call, the methods take turns: load changes hit all of them alike
+            # call by call, the methods take turns: load changes hit all of them alike; the
+            # order rotates, so each follows the others equally often (the first after a dense
+            # scan finds its weights evicted from the caches, the next one finds them warm)
             spent = dict.fromkeys(timed[n], 0.0)
+            names = list(timed[n])
             for i in range(max(len(c) for c in timed[n].values())):
-                for name, call in timed[n].items():
+                k = (i + r) % len(names)
+                for name in names[k:] + names[:k]:
+                    call = timed[n][name]
                     if i < len(call):
                         t0 = time.perf_counter()
                         call[i]()
