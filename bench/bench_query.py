@@ -2,15 +2,18 @@
 
 Times, per query, the trie beam search (``grace/beam_search.py``), transformers' ``generate`` with
 the trie processor (what GRACE used before), the same search without the trie, and dense brute
-force (torch, and a FAISS flat index when ``faiss`` imports) at 1K..1M images, for each thread
-count; see ``grace/query_benchmark.py`` for the method. Example (what BENCHMARKS.md reports):
+force (torch, and a FAISS flat index when ``faiss`` imports) at 1K..1M images, for each backbone
+(``tiny`` Idefics3; ``lite``, the product's default, whose MiniLM query encoding is timed too)
+and thread count; see ``grace/query_benchmark.py`` for the method. What BENCHMARKS.md reports:
 
-    python bench/bench_query.py --threads 1,2 --write BENCHMARKS.md --plot bench/query_latency.png
+    python bench/bench_query.py --threads 1 --write BENCHMARKS.md --plot bench/query_latency.png \
+        --json bench/query_latency.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -51,18 +54,22 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="1000,10000,100000,1000000", help="comma-separated id counts")
     p.add_argument("--threads", default="1", help="comma-separated torch thread counts")
+    p.add_argument("--backbones", default="tiny,lite", help="comma-separated: tiny, lite")
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--beams", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-reference", action="store_true", help="skip timing generate")
     p.add_argument("--write", type=Path, help="put the tables in this markdown file's section")
     p.add_argument("--plot", type=Path, help="PNG of the first thread count's latencies")
     p.add_argument("--json", type=Path, help="all figures as JSON")
     args = p.parse_args(argv)
     results = []
-    for threads in [int(t) for t in args.threads.split(",")]:
+    for threads, backbone in itertools.product(
+        [int(t) for t in args.threads.split(",")], args.backbones.split(",")
+    ):
         cfg = QueryBenchConfig(
+            backbone=backbone,
             sizes=[int(s) for s in args.sizes.split(",")],
             num_beams=args.beams,
             batch_size=args.batch_size,
@@ -83,18 +90,22 @@ def main(argv: list[str] | None = None) -> None:
             "",
             machine_line(),
             "",
-            "Random-init tiny backbone (`TinyBackboneConfig()`, text prompts of the retrieve task "
-            "on demo captions) and a trie of N distinct random ids of the `numeric` scheme drawn "
-            "below 1,000,000 at every N (so ids are equally long: 6 digits + EOS = 7 steps); "
-            "dense: the dual encoder's text tower, then scores against N random unit vectors "
-            "(dim 128) and top-10. All columns are timed in one process, the methods taking turns "
-            "call by call, so ratios hold under the same load.",
+            "Random-init backbones, `tiny` (`TinyBackboneConfig()`: Idefics3, 4-layer 256-wide "
+            "Llama text model) and `lite` (`LiteBackboneConfig()`, the product's default: frozen "
+            "MiniLM sentence features projected into a 2-layer 256-wide Llama decoder), text "
+            "prompts of the retrieve task on demo captions, and a trie of N distinct random ids "
+            "of the `numeric` scheme drawn below 1,000,000 at every N (so ids are equally long: "
+            "6 digits + EOS = 7 steps); dense: the dual encoder's text tower, then scores against "
+            "N random unit vectors (dim 128) and top-10. Within a table all columns are timed in "
+            "one process, the methods taking turns call by call, so ratios hold under the same "
+            "load; the tables run one after the other.",
             "",
             markdown_report(results),
         ]
     )
     if args.plot:
-        plot_latency(results[0], args.plot)
+        first = [r for r in results if r["config"]["threads"] == results[0]["config"]["threads"]]
+        plot_latency(first, args.plot)
         text += f"\nPlot: `{args.plot.as_posix()}` ({results[0]['config']['threads']} thread).\n"
     print(text)
     if args.json:

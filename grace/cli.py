@@ -463,10 +463,13 @@ def bench_cmd(
         "1000,10000,100000,1000000"
     ),
     threads: int = 1,
+    backbone: Annotated[
+        str, typer.Option(help="tiny, or lite (its MiniLM query encoding is timed too).")
+    ] = "tiny",
     queries: int = 16,
     batch_size: int = 16,
     beams: int = 10,
-    repeats: int = 5,
+    repeats: int = 7,
     reference: Annotated[bool, typer.Option(help="Also time transformers' generate.")] = True,
     mlflow_uri: Annotated[
         str | None,
@@ -476,6 +479,7 @@ def bench_cmd(
     """Query latency against catalog size: trie beam search against dense retrieval."""
     from grace.atomic_io import write_text
     from grace.query_benchmark import (
+        BACKBONES,
         QueryBenchConfig,
         log_to_mlflow,
         markdown_report,
@@ -487,7 +491,10 @@ def bench_cmd(
         size_list = [int(s) for s in sizes.split(",")]
     except ValueError:
         raise GraceError(f"--sizes {sizes!r}: expected comma-separated integers") from None
+    if backbone not in BACKBONES:
+        raise GraceError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
     cfg = QueryBenchConfig(
+        backbone=backbone,
         sizes=size_list,
         num_beams=beams,
         batch_size=batch_size,

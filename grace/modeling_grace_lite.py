@@ -132,6 +132,34 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
             raise ValueError(f"{n} placeholder tokens {token} but {flat.shape[0]} feature rows")
         return embeds.masked_scatter(where[..., None], flat)
 
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor | None,
+        sentence_features: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with the projected features at their placeholders, and the projected
+        query (for the alignment loss)."""
+        cfg, query = self.config, None
+        embeds = self.get_input_embeddings()(input_ids)
+        if image_features is not None:
+            projected = self.model.image_projector(image_features)
+            embeds = self._scatter(embeds, input_ids, cfg.image_token_id, projected)
+        if sentence_features is not None:
+            query = self.model.sentence_projector(sentence_features)
+            embeds = self._scatter(embeds, input_ids, cfg.sentence_token_id, query)
+        return embeds, query
+
+    def prompt_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        sentence_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The decoder's input for a prompt (processor output): what ``grace.beam_search``
+        prefills through its fused steps instead of running the modules."""
+        return self._embed(input_ids, image_features, sentence_features)[0]
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -150,17 +178,7 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
         cfg = self.config
         query = None
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-            if image_features is not None:
-                projected = self.model.image_projector(image_features)
-                inputs_embeds = self._scatter(
-                    inputs_embeds, input_ids, cfg.image_token_id, projected
-                )
-            if sentence_features is not None:
-                query = self.model.sentence_projector(sentence_features)
-                inputs_embeds = self._scatter(
-                    inputs_embeds, input_ids, cfg.sentence_token_id, query
-                )
+            inputs_embeds, query = self._embed(input_ids, image_features, sentence_features)
         out = self.model.text_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

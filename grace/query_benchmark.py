@@ -1,12 +1,14 @@
 """What a query costs against the number of images: trie beam search against dense retrieval.
 
 GRACE's efficiency claim is that a query's cost does not grow with the catalog, while dense
-retrieval scores every image. Weights do not matter for cost, so a random-init tiny backbone and a
-trie of ``n`` random distinct ids of the ``numeric`` scheme (one digit token each, drawn from the
-same space at every size so ids are equally long) stand in for a trained model; beam search on
-random weights walks random paths through the trie. The dense side encodes the query with the dual
-encoder's text tower and scores ``n`` random unit vectors (torch matmul + top-k; FAISS flat
-inner-product index too when ``faiss`` imports).
+retrieval scores every image. Weights do not matter for cost, so a random-init backbone (``tiny``
+Idefics3, or ``lite``, the product's default) and a trie of ``n`` random distinct ids of the
+``numeric`` scheme (one digit token each, drawn from the same space at every size so ids are
+equally long) stand in for a trained model; beam search on random weights walks random paths
+through the trie. A lite query also pays its frozen MiniLM sentence encoding, timed on its own
+(uncached) beside the search. The dense side encodes the query with the dual encoder's text tower
+and scores ``n`` random unit vectors (torch matmul + top-k; FAISS flat inner-product index too
+when ``faiss`` imports).
 
 Every figure is a median over several runs, the two sides timed in one process, one after the
 other, so ratios are taken under the same load. ``bench/bench_query.py`` writes the tables of
@@ -30,23 +32,27 @@ from torch import nn
 
 from grace.beam_search import generate_beam_search, trie_beam_search
 from grace.configuration_dual_encoder import DualEncoderConfig
-from grace.configuration_grace import Prompts, TinyBackboneConfig
+from grace.configuration_grace import LiteBackboneConfig, Prompts, TinyBackboneConfig
+from grace.frozen_encoders import sentence_features
 from grace.modeling_backbone import build_tiny_backbone
 from grace.modeling_dual_encoder import DualEncoder, build_vocab
+from grace.modeling_grace_lite import build_lite_backbone
 from grace.synth import synthesize
 from grace.task_examples import user_turn
 from grace.trie import Trie
 
 K = 10  # images returned per query, both sides
+BACKBONES = ("tiny", "lite")
 
 
 @dataclass
 class QueryBenchConfig:
+    backbone: str = "tiny"  # or "lite" (the product's default: its MiniLM encoding is timed too)
     sizes: list[int] = field(default_factory=lambda: [1_000, 10_000, 100_000, 1_000_000])
     num_beams: int = 10
     batch_size: int = 16  # queries per call in the batched rows
     queries: int = 16  # distinct queries timed (single-query rows take each in turn)
-    repeats: int = 5  # figures are medians over this many runs
+    repeats: int = 7  # figures are medians over this many runs
     threads: int = 1
     reference: bool = True  # also time transformers' generate (the path before trie_beam_search)
     id_space: int = 1_000_000  # ids are distinct random numbers below this
@@ -112,20 +118,27 @@ class Setup:
     queries: list[str]
     prompts: list[str]
     dual: DualEncoder
+    sentences: list[str] | None = None
+    """What the lite backbone's MiniLM encodes for each query (None: no sentence encoder)."""
 
 
 def build_setup(cfg: QueryBenchConfig) -> Setup:
-    """Random-init tiny backbone and dual encoder, with a tokenizer trained on demo captions."""
+    """Random-init backbone and dual encoder, with a tokenizer trained on demo captions."""
     with tempfile.TemporaryDirectory() as tmp:
         records = synthesize(Path(tmp) / "d", n=max(64, cfg.queries), seed=cfg.seed)
     texts = [c for r in records for c in r.captions]
-    model, processor = build_tiny_backbone(texts, TinyBackboneConfig(), seed=cfg.seed)
+    if cfg.backbone == "tiny":
+        model, processor = build_tiny_backbone(texts, TinyBackboneConfig(), seed=cfg.seed)
+    elif cfg.backbone == "lite":
+        model, processor = build_lite_backbone(texts, LiteBackboneConfig(), seed=cfg.seed)
+    else:
+        raise ValueError(f"backbone {cfg.backbone!r}: expected one of {BACKBONES}")
     queries = [r.captions[0] for r in records][: cfg.queries]
-    prompts = [
-        user_turn(processor, Prompts().retrieve.format(query=q), with_image=False) for q in queries
-    ]
+    asks = [Prompts().retrieve.format(query=q) for q in queries]
+    prompts = [user_turn(processor, a, with_image=False) for a in asks]
     dual = DualEncoder(DualEncoderConfig(), build_vocab(texts)).eval()
-    return Setup(model.eval(), processor, queries, prompts, dual)
+    sentences = asks if cfg.backbone == "lite" else None  # the prompt's words, as it encodes
+    return Setup(model.eval(), processor, queries, prompts, dual, sentences)
 
 
 def _inputs(setup: Setup, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -146,8 +159,10 @@ def run_query_benchmark(
 ) -> dict[str, Any]:
     """Per-query milliseconds of every method at every catalog size, the floor, the crossovers.
 
-    Runs are interleaved (in each round, at each size, the methods take turns call by call), so
-    a change of load while it runs hits all columns alike; each figure is the median over rounds.
+    Runs are interleaved (in each round, at each size, the methods take turns call by call, and
+    the floor's matmul rate is measured once a round), so a change of load while it runs hits
+    all columns alike; each figure is the median over rounds, and each ratio of a target the
+    median of the ratios taken within a round.
     """
     torch.set_num_threads(cfg.threads)
     setup = build_setup(cfg)
@@ -171,12 +186,22 @@ def run_query_benchmark(
         for call in calls.values():
             for part in call:
                 part()
+    text = setup.model.model.text_model
+    shapes = {"": cfg.num_beams, "_batched": cfg.batch_size * cfg.num_beams}
+    rates: dict[str, dict[int, list[float]]] = {m: {n: [] for n in cfg.sizes} for m in shapes}
     for r in range(cfg.repeats):
         for n in cfg.sizes:
-            # call by call, the methods take turns: load changes hit all of them alike
+            for mode, shape in shapes.items():  # the floor's rate, under this size's load
+                rates[mode][n].append(linear_gflops(text, rows=shape, repeats=10))
+            # call by call, the methods take turns: load changes hit all of them alike; the
+            # order rotates, so each follows the others equally often (the first after a dense
+            # scan finds its weights evicted from the caches, the next one finds them warm)
             spent = dict.fromkeys(timed[n], 0.0)
+            names = list(timed[n])
             for i in range(max(len(c) for c in timed[n].values())):
-                for name, call in timed[n].items():
+                k = (i + r) % len(names)
+                for name in names[k:] + names[:k]:
+                    call = timed[n][name]
                     if i < len(call):
                         t0 = time.perf_counter()
                         call[i]()
@@ -205,7 +230,8 @@ def run_query_benchmark(
     return {
         "config": asdict(cfg),
         "rows": rows,
-        **_floor(setup, flops, rows, cfg),
+        **_floor(flops, times, rates),
+        **_overheads(times),
         **_crossovers(rows),
     }
 
@@ -240,6 +266,13 @@ def _grace_methods(
     if cfg.reference:
         methods["generate"] = over(singles, generate_beam_search)
         methods["generate_batched"] = over(batches, generate_beam_search)
+    if setup.sentences is not None:  # the sentence encoder, uncached (the processor caches)
+        encode = functools.partial(sentence_features, encoder=setup.processor.text_encoder)
+        texts, size = setup.sentences, cfg.batch_size
+        methods["encode"] = [functools.partial(encode, [t]) for t in texts]
+        methods["encode_batched"] = [
+            functools.partial(encode, texts[i : i + size]) for i in range(0, len(texts), size)
+        ]
     return methods
 
 
@@ -277,25 +310,40 @@ def _dense_methods(
     return out
 
 
-def _floor(setup: Setup, flops: int, rows: list[dict[str, Any]], cfg: QueryBenchConfig) -> dict:
+def _floor(
+    flops: int,
+    times: dict[int, dict[str, list[float]]],
+    rates: dict[str, dict[int, list[float]]],
+) -> dict[str, float]:
     """The arithmetic of one query at the rate of the text model's own matmuls at the shape each
     mode runs (``num_beams`` rows for one query, ``batch_size * num_beams`` batched; see
-    ``linear_gflops``, measured right after), and how far each search is from it."""
-    text = setup.model.model.text_model
-    rate = linear_gflops(text, rows=cfg.num_beams)
-    rate_batched = linear_gflops(text, rows=cfg.batch_size * cfg.num_beams)
-    floor, floor_batched = flops / rate / 1e6, flops / rate_batched / 1e6
-    grace = statistics.median(r["grace_ms"] for r in rows)
-    batched = statistics.median(r["grace_batched_ms"] for r in rows)
-    return {
-        "gflop_per_query": flops / 1e9,
-        "gflops": rate,
-        "gflops_batched": rate_batched,
-        "floor_ms": floor,
-        "floor_batched_ms": floor_batched,
-        "grace_over_floor": grace / floor,
-        "grace_batched_over_floor": batched / floor_batched,
-    }
+    ``linear_gflops``, measured at each size in each round), and how far each search is from
+    it: the median over sizes and rounds of GRACE's time over the floor of the same turn."""
+    out: dict[str, float] = {"gflop_per_query": flops / 1e9}
+    for mode, by_size in rates.items():
+        pooled = [g for rate in by_size.values() for g in rate]
+        out[f"gflops{mode}"] = statistics.median(pooled)
+        out[f"floor{mode}_ms"] = flops / statistics.median(pooled) / 1e6
+        out[f"grace{mode}_over_floor"] = statistics.median(
+            ms * g * 1e6 / flops
+            for n, rate in by_size.items()
+            for ms, g in zip(times[n][f"grace{mode}"], rate, strict=True)
+        )
+    return out
+
+
+def _overheads(times: dict[int, dict[str, list[float]]]) -> dict[str, float]:
+    """Trie overhead, single and batched: the median over sizes and rounds of GRACE's time over
+    the plain search's in the same round, minus one."""
+    out = {}
+    for mode in ("", "_batched"):
+        ratios = [
+            g / p
+            for t in times.values()
+            for g, p in zip(t[f"grace{mode}"], t[f"plain{mode}"], strict=True)
+        ]
+        out[f"trie_overhead{mode}"] = statistics.median(ratios) - 1
+    return out
 
 
 def crossover(sizes: Sequence[int], grace_ms: Sequence[float], dense_ms: Sequence[float]) -> float:
@@ -320,49 +368,72 @@ def crossover(sizes: Sequence[int], grace_ms: Sequence[float], dense_ms: Sequenc
 
 
 def _crossovers(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Crossover of GRACE's search against each dense column; with a sentence encoder, also of
+    the whole query (encoding + search: ``..._with_encoder``)."""
     sizes = [r["ids"] for r in rows]
     out = {}
     for mode in ("", "_batched"):
         for dense in ("dense", "faiss"):
-            if f"{dense}{mode}_ms" in rows[0]:
-                out[f"crossover_{dense}{mode}"] = crossover(
-                    sizes,
-                    [r[f"grace{mode}_ms"] for r in rows],
-                    [r[f"{dense}{mode}_ms"] for r in rows],
-                )
+            if f"{dense}{mode}_ms" not in rows[0]:
+                continue
+            dense_ms = [r[f"{dense}{mode}_ms"] for r in rows]
+            grace_ms = [r[f"grace{mode}_ms"] for r in rows]
+            out[f"crossover_{dense}{mode}"] = crossover(sizes, grace_ms, dense_ms)
+            if f"encode{mode}_ms" in rows[0]:
+                whole = [g + r[f"encode{mode}_ms"] for g, r in zip(grace_ms, rows, strict=True)]
+                out[f"crossover_{dense}{mode}_with_encoder"] = crossover(sizes, whole, dense_ms)
     return out
 
 
-def plot_latency(result: dict[str, Any], path: str | Path) -> Path:
-    """PNG of per-query milliseconds against catalog size (log-log), every series measured."""
+def plot_latency(results: dict[str, Any] | list[dict[str, Any]], path: str | Path) -> Path:
+    """PNG of per-query milliseconds against catalog size (log-log): every GRACE series of each
+    backbone's run, the dense series of the first run (the same method in each)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    sizes = [r["ids"] for r in rows]
-    labels = {
-        "grace_ms": "GRACE trie beam search",
-        "grace_batched_ms": "GRACE, batched",
-        "generate_ms": "GRACE via generate (before)",
+    results = [results] if isinstance(results, dict) else results
+    grace_labels = {
+        "grace_ms": "trie beam search",
+        "grace_batched_ms": "batched",
+        "generate_ms": "via generate (before)",
+    }
+    dense_labels = {
         "dense_ms": "dense brute force (torch)",
         "dense_batched_ms": "dense brute force, batched",
         "faiss_ms": "FAISS flat",
         "faiss_batched_ms": "FAISS flat, batched",
     }
+    kinds = [*grace_labels, "with_encoder", *dense_labels]
+    colours = {k: f"C{j}" for j, k in enumerate(kinds)}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in labels.items():
-        if key in rows[0]:
-            style = "-o" if key.startswith(("grace", "generate")) else "--s"
-            ax.plot(sizes, [r[key] for r in rows], style, label=label)
+    for i, res in enumerate(results):
+        rows = res["rows"]
+        sizes = [r["ids"] for r in rows]
+        name = res["config"].get("backbone", "tiny")
+        series = {k: f"GRACE {name}, {v}" for k, v in grace_labels.items()}
+        if "encode_ms" in rows[0]:
+            series["with_encoder"] = f"GRACE {name} + MiniLM encoding"
+        if i == 0:
+            series.update(dense_labels)
+        for key, label in series.items():
+            if key == "with_encoder":
+                ys = [r["grace_ms"] + r["encode_ms"] for r in rows]
+            elif key in rows[0]:
+                ys = [r[key] for r in rows]
+            else:
+                continue
+            # a colour per kind of series, a marker and line per backbone
+            style = "--s" if key in dense_labels else ("-o" if i == 0 else "-.^")
+            ax.plot(sizes, ys, style, color=colours[key], label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("images in the catalog")
     ax.set_ylabel("ms per query")
-    ax.set_title(f"Query latency, {result['config']['threads']} thread(s)")
+    ax.set_title(f"Query latency, {results[0]['config']['threads']} thread(s)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -394,20 +465,31 @@ def _verdict(ok: bool) -> str:
 
 
 def markdown_report(results: list[dict[str, Any]]) -> str:
-    """Tables (one per thread count) and the targets of the issue, met or missed, as markdown."""
+    """Tables (one per backbone and thread count) and the targets of the issue, met or missed,
+    as markdown."""
     lines = []
     for res in results:
         cfg, rows = res["config"], res["rows"]
         has_gen, has_faiss = "generate_ms" in rows[0], "faiss_ms" in rows[0]
+        has_enc = "encode_ms" in rows[0]
         lines += [
-            f"### {cfg['threads']} thread(s): {cfg['queries']} queries, {cfg['num_beams']} beams, "
-            f"batches of {cfg['batch_size']}, medians of {cfg['repeats']} interleaved rounds",
+            f"### {cfg.get('backbone', 'tiny')} backbone, {cfg['threads']} thread(s): "
+            f"{cfg['queries']} queries, {cfg['num_beams']} beams, batches of "
+            f"{cfg['batch_size']}, medians of {cfg['repeats']} interleaved rounds",
             "",
             "Milliseconds per query. *single*: one query per call; *batched*: "
-            f"{cfg['batch_size']} queries per call. *plain*: the same search without the trie.",
+            f"{cfg['batch_size']} queries per call. *plain*: the same search without the trie."
+            + (
+                " *MiniLM*: the frozen sentence encoding a lite query pays before its search "
+                "(not in the GRACE columns)."
+                if has_enc
+                else ""
+            ),
             "",
         ]
         head = ["ids", "steps", "GRACE single", "GRACE batched"]
+        if has_enc:
+            head += ["MiniLM single", "MiniLM batched"]
         if has_gen:
             head += ["generate single (before)", "speed-up", "generate batched", "speed-up"]
         head += ["plain single", "trie overhead", "plain batched", "trie overhead"]
@@ -418,6 +500,8 @@ def markdown_report(results: list[dict[str, Any]]) -> str:
         for r in rows:
             cells = [f"{r['ids']:,}", str(r["steps"])]
             cells += [f"{r['grace_ms']:.2f}", f"{r['grace_batched_ms']:.2f}"]
+            if has_enc:
+                cells += [f"{r['encode_ms']:.2f}", f"{r['encode_batched_ms']:.2f}"]
             if has_gen:
                 cells += [
                     f"{r['generate_ms']:.2f}",
@@ -444,10 +528,11 @@ def markdown_report(results: list[dict[str, Any]]) -> str:
                 f"{ratio:.2f} (target <= 1.10): {_verdict(ratio <= 1.10)}."
             )
         for mode, label in (("", "single"), ("_batched", "batched")):
-            over = statistics.median(r[f"grace{mode}_ms"] / r[f"plain{mode}_ms"] - 1 for r in rows)
+            over = res[f"trie_overhead{mode}"]
             lines.append(
-                f"- Trie masking overhead, {label} (median over sizes): {100 * over:+.1f} % "
-                f"(target <= 5 %): {_verdict(over <= 0.05)}."
+                f"- Trie masking overhead, {label} (median over sizes and rounds of the ratio "
+                f"within a round): {100 * over:+.1f} % (target <= 5 %): "
+                f"{_verdict(over <= 0.05)}."
             )
         for mode, label in (("", "single"), ("_batched", "batched")):
             lines.append(
@@ -455,15 +540,19 @@ def markdown_report(results: list[dict[str, Any]]) -> str:
                 f"{res[f'grace{mode}_over_floor']:.1f}x the floor of "
                 f"{res[f'floor{mode}_ms']:.2f} ms ({res['gflop_per_query']:.3f} GFLOP of linear "
                 f"layers per query at {res[f'gflops{mode}']:.0f} GFLOP/s, the rate of the "
-                "model's own matmuls alone at this shape) (target <= 2x): "
+                "model's own matmuls alone at this shape, measured each round) (target <= 2x): "
                 f"{_verdict(res[f'grace{mode}_over_floor'] <= 2)}."
             )
-        for key in sorted(k for k in res if k.startswith("crossover_")):
+        for key in sorted(
+            (k for k in res if k.startswith("crossover_")), key=lambda k: (len(k), k)
+        ):
             at = res[key]
             text = "beyond 1e9" if at == float("inf") else f"~{at:,.0f}"
-            what = key.removeprefix("crossover_").replace("_", " ")
+            whole = key.endswith("_with_encoder")
+            what = key.removeprefix("crossover_").removesuffix("_with_encoder").replace("_", " ")
+            who = "GRACE + MiniLM encoding" if whole else "GRACE"
             lines.append(
-                f"- Crossover against {what}: {text} images (target <= 300,000): "
+                f"- Crossover, {who} against {what}: {text} images (target <= 300,000): "
                 f"{_verdict(at <= 300_000)}."
             )
         lines.append("")

@@ -171,6 +171,8 @@ class Trie:
             self._root_table = np.full(size, -1, dtype=np.int64)
             self._root_table[root_tokens] = np.arange(1, root_tokens.size + 1)
         self._sink = count.size - 1  # a childless node (the last breadth-first) to park dead rows
+        self._pruned = bool((count == 0).any())  # dead nodes that lookups must skip
+        self._top_token = int(edge_token.max()) if edge_token.size else -1
 
     # ---- sizes and membership -----------------------------------------------------------------
 
@@ -291,6 +293,35 @@ class Trie:
         child = self._child(np.asarray(nodes, dtype=np.int64), np.asarray(tokens), live_only=True)
         return np.where(child >= 0, child, self._sink)
 
+    def live_edges(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(row, token, child)`` of every live edge leaving ``nodes[row]``, rows ascending and
+        tokens ascending within a row.
+
+        What a decoder that keeps each beam's node needs at a step: the few tokens each beam may
+        emit and the node each one leads to, read straight off the CSR arrays (no full-vocabulary
+        mask, no search for the child). A dead end (see ``advance``) has no edges.
+        """
+        nodes = np.asarray(nodes, dtype=np.int64)
+        lo = self.first_child[nodes].astype(np.int64)
+        deg = self.first_child[nodes + 1] - lo
+        row = np.repeat(np.arange(nodes.size), deg)
+        child = np.arange(1, row.size + 1) + np.repeat(lo - (np.cumsum(deg) - deg), deg)
+        if self._pruned:  # only after ``remove``, until a rebuild
+            live = self.count[child] > 0
+            row, child = row[live], child[live]
+        return row, self.edge_token[child - 1].astype(np.int64), child
+
+    @property
+    def dead_end(self) -> int:
+        """A node without children, where ``advance`` parks rows that left the trie."""
+        return int(self._sink)
+
+    @property
+    def top_token(self) -> int:
+        """The largest token on any edge (-1 if none): a search whose vocabulary is larger need
+        not drop tokens it cannot score."""
+        return self._top_token
+
     def node_mask(self, nodes: np.ndarray, vocab_size: int) -> torch.Tensor:
         """Boolean ``(len(nodes), vocab_size)``: the live edges leaving each node (root: 0)."""
         nodes = np.asarray(nodes, dtype=np.int64)
@@ -355,6 +386,7 @@ class Trie:
             raise KeyError("a sequence is listed twice for removal")
         path_nodes = nodes.ravel()
         np.subtract.at(self.count, path_nodes[path_nodes >= 0], 1)
+        self._pruned = True
 
     def compact(self) -> None:
         """Rebuild from the live sequences only, dropping the nodes ``remove`` left dead."""

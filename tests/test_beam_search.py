@@ -60,6 +60,10 @@ def test_plain_llama_gets_fused_steps(llama):
     llama.train()
     assert LlamaSteps.of(llama) is None  # training: the model's own forward
     llama.eval()
+    config = LlamaConfig(**{**llama.config.to_dict(), "rope_parameters": None})
+    config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 100.0, "factor": 2.0}
+    dynamic = LlamaForCausalLM(config).eval()
+    assert LlamaSteps.of(dynamic) is None  # angles depend on the length: no table of them
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -77,6 +81,100 @@ def test_same_sequences_and_scores_as_generate(llama, n_ids, beams, fused):
     for row in new.sequences.tolist():
         assert tuple(row[0][: row[0].index(EOS)]) in set(ids)
     assert (new.scores[:, :-1] >= new.scores[:, 1:]).all()
+
+
+@pytest.mark.parametrize("ids", [[(5, 6)], [(5,), (7, 8)], [(5, 6), (5, 6, 7), (9,)]])
+@pytest.mark.parametrize("beams", [3, 4])
+def test_fewer_identifiers_than_beams_as_generate(llama, ids, beams):
+    """Beams left without a real identifier hold the same filler hypotheses as ``generate``."""
+    new, ref = _both(llama, _prompts(), Trie(ids, eos_token_id=EOS), beams, 4)
+    width = ref.sequences.shape[2]
+    assert torch.equal(new.sequences[..., :width], ref.sequences)
+    torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab, removed", [(60, False), (50, False), (60, True)])
+def test_constraining_from_nodes_follows_the_processor_rules(vocab, removed):
+    """Scores from the beams' nodes equal ``constrain_scores`` on the full mask (stuck rows
+    may emit EOS, rows whose allowed tokens all score -inf get them at finfo.min / 2, tokens
+    past the vocabulary and removed ids are not allowed), and each allowed token leads to the
+    node ``advance`` finds."""
+    from grace.beam_search import _constrain
+    from grace.trie import constrain_scores
+
+    ids = _ids(40, seed=4)
+    trie = Trie(ids, eos_token_id=EOS)
+    if removed:
+        trie.remove(ids[::3])
+    rng = np.random.default_rng(0)
+    nodes = np.concatenate([rng.integers(0, trie.num_nodes, 30), [0, trie.dead_end]])
+    log_probs = torch.log_softmax(torch.randn(nodes.size, vocab), -1).numpy()
+    log_probs[-2] = -np.inf  # the root, with nothing finite: every allowed token is hopeless
+    got, child = _constrain(trie, nodes, log_probs.copy(), EOS)
+    want = constrain_scores(torch.from_numpy(log_probs), trie.node_mask(nodes, vocab), EOS)
+    np.testing.assert_array_equal(got, want.numpy())
+    assert (got[-2][np.isfinite(got[-2])] == np.finfo(np.float32).min / 2).all()
+    assert np.isfinite(got[-1]).tolist() == [t == EOS for t in range(vocab)]  # EOS only
+    row, tok = np.nonzero(np.isfinite(got))
+    free = ~np.isin(row, np.flatnonzero(~trie.node_mask(nodes, vocab).numpy().any(1)))
+    assert (child[row, tok][free] == trie.advance(nodes[row], tok)[free]).all()
+
+
+def test_fused_weights_follow_the_model_and_run_without_onednn(llama, monkeypatch):
+    """The cached fused copy is reused while the weights stay, rebuilt once they change in
+    place; plain ``F.linear`` (no oneDNN prepacking, as on a GPU) ranks alike."""
+    from grace import llama_steps
+    from grace.llama_steps import LlamaSteps
+
+    steps = LlamaSteps.of(llama)
+    assert LlamaSteps.of(llama) is steps
+    trie = Trie(_ids(40, seed=6), eos_token_id=EOS)
+    before = trie_beam_search(
+        llama, _prompts(), trie, num_beams=4, max_new_tokens=5, pad_token_id=PAD
+    )
+    with torch.no_grad():
+        llama.lm_head.weight.mul_(3.0)
+    try:
+        assert LlamaSteps.of(llama) is not steps
+        new, ref = _both(llama, _prompts(), trie, 4, 5)
+        assert not torch.allclose(new.scores, before.scores)
+        torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(llama_steps, "_packed_matmuls", lambda like: False)
+        llama._grace_llama_steps = None
+        assert not LlamaSteps.of(llama).packed
+        new, ref = _both(llama, _prompts(), trie, 4, 5)
+        width = ref.sequences.shape[2]
+        assert torch.equal(new.sequences[..., :width], ref.sequences)
+        torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            llama.lm_head.weight.div_(3.0)
+        llama._grace_llama_steps = None
+
+
+def test_grouped_query_attention_and_scaled_rope_fuse_alike():
+    """Fused steps pair rotary halves per head: with fewer key heads than query heads and a
+    non-default rotary type the rankings are still ``generate``'s."""
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "linear", "rope_theta": 100.0, "factor": 2.0},
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    assert model.model.rotary_emb.rope_type == "linear"
+    ids = _ids(40, seed=5)
+    new, ref = _both(model, _prompts(), Trie(ids, eos_token_id=EOS), 6, max(map(len, ids)) + 1)
+    width = ref.sequences.shape[2]
+    assert torch.equal(new.sequences[..., :width], ref.sequences)
+    torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
 
 
 def test_one_beam_is_greedy_with_a_score(llama):
@@ -161,10 +259,31 @@ def test_bench_command_writes_plot_and_logs_to_mlflow(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "b" / "query_latency.json").read_text())
     assert [r["ids"] for r in result["rows"]] == [100, 2000]
     assert all(r["grace_ms"] > 0 and r["dense_ms"] > 0 for r in result["rows"])
-    assert "Crossover against dense" in res.output
+    assert "Crossover, GRACE against dense" in res.output
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["grace-bench"], output_format="list")
     assert len(runs) == 1
     assert runs[0].data.metrics["floor_ms"] > 0
     artifacts = mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)
     assert [a.path for a in artifacts] == ["query_latency.png"]
+
+
+@pytest.mark.slow
+def test_bench_times_the_lite_backbone_and_its_sentence_encoding(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from grace.cli import app
+
+    args = ["bench", "--out", str(tmp_path), "--sizes", "100,2000", "--queries", "2"]
+    args += ["--batch-size", "2", "--repeats", "1", "--beams", "3", "--no-reference"]
+    res = CliRunner().invoke(app, [*args, "--backbone", "lite"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "query_latency.json").read_text())
+    assert result["config"]["backbone"] == "lite"
+    assert all(r["encode_ms"] > 0 and r["encode_batched_ms"] > 0 for r in result["rows"])
+    assert "MiniLM single" in res.output
+    assert "Crossover, GRACE + MiniLM encoding against dense" in res.output
+    bad = CliRunner().invoke(app, [*args, "--backbone", "huge"])
+    assert bad.exit_code != 0 and "expected one of tiny, lite" in bad.output

@@ -86,6 +86,50 @@ def test_forward_rejects_features_that_do_not_fit_the_placeholders(backbone, lit
         model(**enc)
 
 
+@pytest.mark.parametrize("with_image", [False, True])
+def test_trie_search_prefills_features_fused_and_ranks_as_generate(
+    backbone, lite_set, with_image, monkeypatch
+):
+    """Featured prompts (sentence or image) go through the fused prefill, via the model's
+    ``prompt_embeddings``, and still rank as ``generate`` does (left-padded batch)."""
+    import numpy as np
+
+    from grace.trie import Trie
+
+    model, processor = backbone
+    root, records = lite_set
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    if with_image:
+        prompt = user_turn(processor, "Which identifier?", with_image=True)
+        inputs = processor(text=[prompt] * 2, images=[[p] for p in _images(root, records[:2])])
+    else:
+        texts = ["Which image shows: a red disc", "Which image shows: a big blue square on top"]
+        prompts = [user_turn(processor, t, with_image=False) for t in texts]
+        inputs = processor(text=prompts, padding=True)
+        assert (inputs["attention_mask"] == 0).any()  # padded
+    rng = np.random.default_rng(0)
+    ids = {tuple(int(t) for t in rng.integers(20, 120, rng.integers(1, 4))) for _ in range(60)}
+    trie = Trie(sorted(ids), eos_token_id=tok.eos_token_id)
+    calls = []
+    embed = model.prompt_embeddings
+    monkeypatch.setattr(
+        model, "prompt_embeddings", lambda *a, **k: calls.append(1) or embed(*a, **k)
+    )
+    kw = dict(num_beams=5, max_new_tokens=4, pad_token_id=tok.pad_token_id)
+    training = model.training
+    model.eval()  # fused steps are for inference only
+    try:
+        ours = trie_beam_search(model, dict(inputs), trie, **kw)
+        ref = generate_beam_search(model, dict(inputs), trie, **kw)
+    finally:
+        model.train(training)
+    assert calls
+    width = ref.sequences.shape[2]
+    assert torch.equal(ours.sequences[..., :width], ref.sequences)
+    torch.testing.assert_close(ours.scores, ref.scores, rtol=1e-5, atol=1e-5)
+
+
 def test_retrieve_batches_carry_their_images_for_the_alignment_loss(backbone, lite_set):
     root, records = lite_set
     model, processor = backbone

@@ -86,6 +86,18 @@ def assert_matches(trie: Trie, ref: RefTrie, live: set, rng: np.random.Generator
         for row, p in zip(mask, group, strict=True):
             want = [t for t in ref.allowed(p) if t < vocab]
             assert torch.nonzero(row).flatten().tolist() == want, p
+        # the same rows from the nodes a decoder keeps: live edges and the nodes they lead to
+        node = np.zeros(len(group), dtype=np.int64)
+        for j in range(n):
+            node = trie.advance(node, batch[:, j])
+        row, tok, child = trie.live_edges(node)
+        assert (np.diff(row) >= 0).all()
+        for i, p in enumerate(group):
+            assert tok[row == i].tolist() == ref.allowed(p), p
+        if row.size:
+            assert (child == trie.advance(node[row], tok)).all()
+        dead = trie.live_edges(np.array([trie.dead_end]))[0]
+        assert dead.size == 0
 
 
 @settings(max_examples=60, deadline=None)
