@@ -129,17 +129,44 @@ def test_continued_training_learns_the_new_images(increment):
     assert m["new_images"] == 4 and m["old_images"] == 15 and m["base_old_images"] == 15
     # the base model cannot name a new image (it has no id for it); the candidate can
     assert m["new_memorization"] >= 0.5
-    assert m["old_grace_R@10_change"] == pytest.approx(
-        m["old_grace_R@10"] - m["base_old_grace_R@10"]
-    )
-    # whole-set figures are the parts weighted by their queries / images
-    q = m["old_queries"] + m["new_queries"]
-    assert m["queries"] == q
-    want = (m["old_grace_R@10"] * m["old_queries"] + m["new_grace_R@10"] * m["new_queries"]) / q
+    for prefix in ("old_", "old_whole_gallery_"):
+        assert m[f"{prefix}grace_R@10_change"] == pytest.approx(
+            m[f"{prefix}grace_R@10"] - m["base_old_grace_R@10"]
+        )
+    # whole-set figures are the whole-gallery parts weighted by their queries / images
+    old = "old_whole_gallery_"
+    q = m[old + "queries"] + m["new_queries"]
+    assert m["queries"] == q and m[old + "queries"] == m["old_queries"]
+    want = (m[old + "grace_R@10"] * m["old_queries"] + m["new_grace_R@10"] * m["new_queries"]) / q
     assert m["grace_R@10"] == pytest.approx(want)
     assert m["memorization"] == pytest.approx(
-        (15 * m["old_memorization"] + 4 * m["new_memorization"]) / 19
+        (15 * m[old + "memorization"] + 4 * m["new_memorization"]) / 19
     )
+
+
+@pytest.mark.slow
+def test_old_images_are_compared_with_the_base_in_the_base_s_gallery(increment):
+    """``old_*``: the candidate restricted to the old images (the new ones out of its trie), the
+    base restricted the same way (the removed image out of its trie): one gallery for both.
+    ``old_whole_gallery_*``: the candidate as a user searches it, new images included."""
+    from grace.evaluation import evaluate
+
+    inc = increment
+    m = evaluate_old_new(inc.candidate, inc.after, inc.root, inc.plan, base=inc.base)
+    old = [r for r in inc.after if r.key in set(inc.plan.kept)]
+
+    def scored(gm: GraceModel, leave_out: list[str]) -> dict[str, float]:
+        within = GraceModel(gm.model, gm.processor, gm.id_map.remove(leave_out), gm.records,
+                            gm.prompts)  # fmt: skip
+        return evaluate(within, old, inc.root).metrics
+
+    same = scored(inc.candidate, inc.plan.added)
+    whole = evaluate(inc.candidate, old, inc.root).metrics
+    base = scored(inc.base, inc.plan.removed)
+    for k in ("grace_R@1", "grace_R@5", "grace_R@10", "memorization"):
+        assert m[f"old_{k}"] == pytest.approx(same[k]), k
+        assert m[f"old_whole_gallery_{k}"] == pytest.approx(whole[k]), k
+        assert m[f"base_old_{k}"] == pytest.approx(base[k]), k
 
 
 @pytest.mark.slow
@@ -191,6 +218,22 @@ def test_incremental_gate(old, new_mem, promote):
     assert decision.promote is promote, decision.summary()
     if old < 0.79:
         assert any("old_grace_R@10" in r and "<" in r for r in decision.reasons)
+
+
+@pytest.mark.parametrize(
+    ("same_gallery", "whole_gallery", "promote"),
+    [
+        (0.795, 0.60, True),  # no forgetting, new images crowd the old queries' top 10: promote
+        (0.70, 0.80, False),  # forgotten in the old gallery, whatever the whole gallery says
+    ],
+)
+def test_incremental_gate_reads_the_same_gallery_comparison(same_gallery, whole_gallery, promote):
+    metrics = {**BASE, "old_grace_R@10": same_gallery, "old_whole_gallery_grace_R@10":
+               whole_gallery, "new_memorization": 1.0, "new_grace_R@10": 0.6}  # fmt: skip
+    decision = check_incremental_gate(metrics, IncrementalGate(old_tolerance=0.01))
+    assert decision.promote is promote, decision.summary()
+    assert "old_grace_R@10" in decision.summary()
+    assert "old_whole_gallery" not in decision.summary()
 
 
 def test_incremental_gate_refuses_when_the_champion_moved_meanwhile():
