@@ -49,6 +49,10 @@ class ReplayConfig:
     # atomic ids: train only the new identifiers' embedding rows, the rest of the model frozen,
     # so the old images' scores stay exactly as they were (replayed images serve as negatives)
     only_new_ids: bool = False
+    # with only_new_ids: every old image that is not replayed is a negative too, from hidden
+    # states the frozen model computes once (grace.cached_negatives), so no new id takes an
+    # old image's memorize or retrieve answer; False: only the replayed sample
+    all_old_negatives: bool = True
 
     def __post_init__(self) -> None:
         if self.ratio < 0 or self.minimum < 0:
@@ -175,10 +179,15 @@ def continue_training(
                 "identifiers have none: use atomic ids, or only_new_ids=false"
             )
         cfg = replace(cfg, train_rows_from=_vocabulary_size(base_dir))
+    negatives: list[ImageRecord] = []
+    if replay.only_new_ids and replay.all_old_negatives:
+        trained_on, kept = {r.key for r in subset}, set(plan.kept)
+        negatives = [r for r in live if r.key in kept and r.key not in trained_on]
     out_model = Path(out_model)
     out_model.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".incremental-") as scratch:
-        trained = train(subset, root, id_map, scratch, cfg, callback, progress=progress)
+        trained = train(subset, root, id_map, scratch, cfg, callback, progress=progress,
+                        negatives=negatives)  # fmt: skip
     info = {**trained.info, "incremental": plan.summary(), "base": os.fspath(base_dir)}
     gm = GraceModel(trained.model, trained.processor, id_map, live, trained.prompts, info)
     gm.save(out_model)

@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -421,7 +421,8 @@ def incremental_train(
     records = _records(dataset_dir)
     cfg = TrainConfig.from_dict({**(settings or {}), "backbone": "tiny", "processes": processes})
     replay_cfg = ReplayConfig(**(replay or {}))
-    step_params = {**_flat(cfg.to_dict()), "base_model": base_model, **_flat({"replay": replay})}
+    step_params = {**_flat(cfg.to_dict()), "base_model": base_model,
+                   **_flat({"replay": asdict(replay_cfg)})}  # fmt: skip
     step_params.pop("backbone")
     out_model = Path(out_model)
     with step_run(ctx.tracking, ctx.pipeline_key, "incremental_train", step_params) as run:
@@ -451,6 +452,8 @@ def incremental_train(
         summary = {**counts, "steps": gm.info["steps"], "complete": gm.info["complete"]}
         run.log_metrics({f"images_{k}": v for k, v in counts.items()}, on_parent=True)
         run.log_metrics({"steps": summary["steps"], "complete": float(summary["complete"])})
+        if negatives := gm.info.get("cached_negatives"):
+            run.log_metrics({f"cached_negative_{k}": v for k, v in negatives.items()})
         if logger.history:
             run.log_png(logger.loss_figure("incremental: loss per task"), "incremental_loss.png")
     return summary
