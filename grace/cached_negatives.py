@@ -65,6 +65,8 @@ def cache_negatives(
 ) -> CachedNegatives:
     """Run the frozen ``model`` once over ``examples`` (their answers must be frozen rows, below
     ``start``) and keep what :meth:`CachedNegatives.loss_sum` needs, on ``device``."""
+    if not examples:
+        raise ValueError("no examples to cache as negatives")
     head = model.get_output_embeddings()
     if head.weight.numel() == 0:
         raise GraceError(
