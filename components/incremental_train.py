@@ -21,8 +21,9 @@ def incremental_train(
     plan: Output[Artifact],
     processes: int = 1,
 ):
-    """``settings``: TrainConfig fields; ``replay``: ReplayConfig fields (ratio, minimum, seed);
-    ``processes``: data-parallel training processes, one per GPU (needs ``deepspeed``)."""
+    """``settings``: TrainConfig fields; ``replay``: ReplayConfig fields (ratio, minimum, seed,
+    only_new_ids, all_old_negatives); ``processes``: data-parallel training processes, one per
+    GPU (needs ``deepspeed``)."""
     from grace.pipeline_steps import context, incremental_train
 
     summary = incremental_train(

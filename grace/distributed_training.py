@@ -64,6 +64,7 @@ def launch_training(
     config: TrainConfig,
     callback: MetricsCallback | None = None,
     progress: bool = True,
+    negatives: Sequence[ImageRecord] = (),
 ) -> GraceModel:
     """Run ``train`` in ``config.processes`` local processes and return the model rank 0 saved.
 
@@ -99,8 +100,9 @@ def launch_training(
             relay.start()
         try:
             elastic_launch(launch, _rank_main)(
-                list(records), os.fspath(root), id_map, os.fspath(out), config, queue, progress
-            )
+                list(records), os.fspath(root), id_map, os.fspath(out), config, queue, progress,
+                list(negatives),
+            )  # fmt: skip
         except ChildFailedError as e:
             raise GraceError(f"distributed training failed: {e.format_msg()}") from e
         finally:
@@ -118,6 +120,7 @@ def _rank_main(
     config: TrainConfig,
     queue: Any,
     progress: bool,
+    negatives: list[ImageRecord],
 ) -> None:
     """One rank: the ordinary training loop, which reads its rank from the launcher's env."""
     from grace.training_grace import train
@@ -129,7 +132,8 @@ def _rank_main(
         def callback(step: int, metrics: dict[str, float]) -> None:
             queue.put((step, metrics))
 
-    train(records, root, id_map, out, config, callback, progress=progress and rank == 0)
+    train(records, root, id_map, out, config, callback, progress=progress and rank == 0,
+          negatives=negatives)  # fmt: skip
 
 
 def _relay(queue: Any, callback: MetricsCallback) -> None:

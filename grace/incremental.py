@@ -9,6 +9,9 @@ A removal alone needs no training: the same weights are saved with the smaller m
 Evaluation is split into old images (those the base model already had) and new ones, with the
 same :func:`grace.evaluation.evaluate`, so the registry gate can ask both questions: are the new
 images memorized and retrievable, and did old-image recall drop by no more than a tolerance.
+Forgetting is measured apples to apples: candidate and base answer the old queries from the same
+gallery, the old images; the old queries against the grown gallery are reported beside it, since
+new images that fit an old caption push old answers out of the top K even without forgetting.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from grace.modeling_grace import GraceModel
 from grace.records import ImageRecord
 from grace.training_grace import MetricsCallback
 
-OLD, NEW, BASE_OLD = "old_", "new_", "base_old_"
+# old images in the old gallery (what the gate compares with the base), in the whole gallery
+OLD, OLD_WHOLE, NEW, BASE_OLD = "old_", "old_whole_gallery_", "new_", "base_old_"
 SPLIT_METRICS = ("grace_R@1", "grace_R@5", "grace_R@10", "memorization", "queries", "images")
 
 
@@ -45,6 +49,10 @@ class ReplayConfig:
     # atomic ids: train only the new identifiers' embedding rows, the rest of the model frozen,
     # so the old images' scores stay exactly as they were (replayed images serve as negatives)
     only_new_ids: bool = False
+    # with only_new_ids: every old image that is not replayed is a negative too, from hidden
+    # states the frozen model computes once (grace.cached_negatives), so no new id takes an
+    # old image's memorize or retrieve answer; False: only the replayed sample
+    all_old_negatives: bool = True
 
     def __post_init__(self) -> None:
         if self.ratio < 0 or self.minimum < 0:
@@ -171,10 +179,15 @@ def continue_training(
                 "identifiers have none: use atomic ids, or only_new_ids=false"
             )
         cfg = replace(cfg, train_rows_from=_vocabulary_size(base_dir))
+    negatives: list[ImageRecord] = []
+    if replay.only_new_ids and replay.all_old_negatives:
+        trained_on, kept = {r.key for r in subset}, set(plan.kept)
+        negatives = [r for r in live if r.key in kept and r.key not in trained_on]
     out_model = Path(out_model)
     out_model.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".incremental-") as scratch:
-        trained = train(subset, root, id_map, scratch, cfg, callback, progress=progress)
+        trained = train(subset, root, id_map, scratch, cfg, callback, progress=progress,
+                        negatives=negatives)  # fmt: skip
     info = {**trained.info, "incremental": plan.summary(), "base": os.fspath(base_dir)}
     gm = GraceModel(trained.model, trained.processor, id_map, live, trained.prompts, info)
     gm.save(out_model)
@@ -212,10 +225,18 @@ def evaluate_old_new(
 ) -> dict[str, float]:
     """Recall@K and memorization of the old and of the new images, side by side.
 
-    Keys: ``old_*`` and ``new_*`` (the candidate), ``base_old_*`` (the base model on the same old
-    images, the reference the gate compares with), the whole set's ``grace_R@K`` and
-    ``memorization`` (weighted from the two parts), and ``old_grace_R@K_change``. Each query's
-    gallery is every live image of the model asked, as a user would search.
+    Keys (``*`` is ``grace_R@1/5/10``, ``memorization``, ``queries``, ``images``):
+
+    - ``old_*``: the candidate on the old images (``plan.kept``) with the old images as its
+      gallery; ``base_old_*``: the base the same way. The same queries against the same
+      gallery, so ``old_*_change`` (candidate minus base) is forgetting alone: what the
+      incremental gate reads.
+    - ``old_whole_gallery_*``: the candidate's old queries against every live image, as a user
+      searches; its ``_change`` against ``base_old_*`` adds the new images' crowding of the old
+      queries' top K (a full retrain shows that too).
+    - ``new_*``: the new images, gallery = every live image.
+    - ``grace_R@K``, ``memorization``, ...: the whole set, weighted from the two whole-gallery
+      parts (old and new).
     """
     from grace.evaluation import evaluate
 
@@ -223,25 +244,40 @@ def evaluate_old_new(
     old = [r for r in records if r.key in kept]
     new = [r for r in records if r.key in added]
     metrics: dict[str, float] = {}
-    parts = [(OLD, old, candidate), (NEW, new, candidate), (BASE_OLD, old, base)]
+    parts = [
+        (OLD, old, _within(candidate, kept)),
+        (OLD_WHOLE, old, candidate),
+        (NEW, new, candidate),
+        (BASE_OLD, old, _within(base, kept) if base else None),
+    ]
     for prefix, subset, model in parts:
         if model is None or not subset:
             continue
         got = evaluate(model, subset, root, num_beams=num_beams, max_queries=max_queries).metrics
         metrics.update({prefix + k: v for k, v in got.items() if k in SPLIT_METRICS})
-        if prefix != BASE_OLD:
+        if prefix in (OLD_WHOLE, NEW):
             metrics[prefix + "latency_ms_per_query"] = got["latency_ms_per_query"]
     metrics.update(_whole_set(metrics))
-    for k in ("grace_R@1", "grace_R@5", "grace_R@10", "memorization"):
-        if OLD + k in metrics and BASE_OLD + k in metrics:
-            metrics[f"{OLD}{k}_change"] = metrics[OLD + k] - metrics[BASE_OLD + k]
+    for prefix in (OLD, OLD_WHOLE):
+        for k in ("grace_R@1", "grace_R@5", "grace_R@10", "memorization"):
+            if prefix + k in metrics and BASE_OLD + k in metrics:
+                metrics[f"{prefix}{k}_change"] = metrics[prefix + k] - metrics[BASE_OLD + k]
     return metrics
 
 
+def _within(gm: GraceModel, keys: set[str]) -> GraceModel:
+    """``gm`` answering from the images ``keys`` only: its other ids left out of the trie (as
+    ``evaluate(gallery="test")`` does), the weights shared."""
+    others = [k for k in gm.id_map.ids if k not in keys]
+    if not others:
+        return gm
+    return GraceModel(gm.model, gm.processor, gm.id_map.remove(others), gm.records, gm.prompts)
+
+
 def _whole_set(m: dict[str, float]) -> dict[str, float]:
-    """The whole set's metrics from the old and new parts (recall weighted by queries,
-    memorization by images), under the names the plain gate and reports use."""
-    parts = [p for p in (OLD, NEW) if p + "images" in m]
+    """The whole set's metrics from the old and new parts in the whole gallery (recall weighted
+    by queries, memorization by images), under the names the plain gate and reports use."""
+    parts = [p for p in (OLD_WHOLE, NEW) if p + "images" in m]
     if not parts:
         raise GraceError("nothing to evaluate: the set has no image with a live identifier")
     out = {

@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -421,7 +421,8 @@ def incremental_train(
     records = _records(dataset_dir)
     cfg = TrainConfig.from_dict({**(settings or {}), "backbone": "tiny", "processes": processes})
     replay_cfg = ReplayConfig(**(replay or {}))
-    step_params = {**_flat(cfg.to_dict()), "base_model": base_model, **_flat({"replay": replay})}
+    step_params = {**_flat(cfg.to_dict()), "base_model": base_model,
+                   **_flat({"replay": asdict(replay_cfg)})}  # fmt: skip
     step_params.pop("backbone")
     out_model = Path(out_model)
     with step_run(ctx.tracking, ctx.pipeline_key, "incremental_train", step_params) as run:
@@ -451,6 +452,8 @@ def incremental_train(
         summary = {**counts, "steps": gm.info["steps"], "complete": gm.info["complete"]}
         run.log_metrics({f"images_{k}": v for k, v in counts.items()}, on_parent=True)
         run.log_metrics({"steps": summary["steps"], "complete": float(summary["complete"])})
+        if negatives := gm.info.get("cached_negatives"):
+            run.log_metrics({f"cached_negative_{k}": v for k, v in negatives.items()})
         if logger.history:
             run.log_png(logger.loss_figure("incremental: loss per task"), "incremental_loss.png")
     return summary
@@ -468,7 +471,8 @@ def evaluate_incremental(
     ctx: StepContext = StepContext(),
 ) -> dict[str, float]:
     """Old-image and new-image recall/memorization of the candidate, and of the base model on
-    the same old images, side by side (metrics, a chart and a table on the parent run)."""
+    the same old images and gallery, side by side (metrics, a chart and a table on the parent
+    run); the candidate's old images also against the whole gallery (``old_whole_gallery_*``)."""
     from grace.incremental import UpdatePlan, evaluate_old_new
     from grace.modeling_grace import GraceModel
     from grace.registry import download_grace_model, resolve_model
@@ -540,9 +544,10 @@ def _old_new_rows(m: dict[str, float]) -> list[tuple[str, list[float | None]]]:
     return [
         (label, [m.get(prefix + k) for k in keys])
         for label, prefix in (
-            ("base, old images", "base_old_"),
-            ("candidate, old images", "old_"),
-            ("candidate, new images", "new_"),
+            ("base, old images (old gallery)", "base_old_"),
+            ("candidate, old images (old gallery)", "old_"),
+            ("candidate, old images (whole gallery)", "old_whole_gallery_"),
+            ("candidate, new images (whole gallery)", "new_"),
         )
     ]
 
@@ -560,6 +565,9 @@ def _old_new_html(m: dict[str, float], plan) -> str:
         f"<h1>Incremental update: old vs new images</h1><p>{counts}</p>"
         "<table border=1 cellpadding=4><tr><th></th><th>R@1</th><th>R@5</th><th>R@10</th>"
         f"<th>memorization</th></tr>{cells}</table>"
+        "<p>Old gallery: the old images only, the base's and the candidate's the same, so the "
+        "difference is forgetting (what the gate compares). Whole gallery: every live image, as "
+        "a user searches; new images that fit an old caption also crowd its top K there.</p>"
     )
 
 
@@ -570,15 +578,15 @@ def _old_new_figure(m: dict[str, float]):
     import matplotlib.pyplot as plt
 
     labels = ["R@1", "R@5", "R@10", "memorization"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     rows = _old_new_rows(m)
     width = 0.8 / len(rows)
     for n, (label, values) in enumerate(rows):
         xs = [i + n * width for i in range(len(labels))]
         ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=label)
-    ax.set_xticks([i + width for i in range(len(labels))], labels)
+    ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(labels))], labels)
     ax.set(ylim=(0, 1.05), title="old vs new images")
-    ax.legend()
+    ax.legend(fontsize="small", loc="lower left")
     fig.tight_layout()
     return fig
 

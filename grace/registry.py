@@ -47,9 +47,12 @@ class IncrementalGate:
 
     The new images must be memorized (``new_memorization`` >= ``min_new_memorization``) and
     retrievable (``new_<metric>`` >= ``min_new_metric``), and old-image ``metric`` may drop by
-    at most ``old_tolerance`` (absolute: 0.01 = one point) against the base model measured on
-    the same old images (``base_old_<metric>``). ``base_version``: the champion it started
-    from; if ``champion`` moved meanwhile, the comparison is stale and nothing is promoted.
+    at most ``old_tolerance`` (absolute: 0.01 = one point) against the base model: both on the
+    old images' queries with the old images as gallery (``old_<metric>`` against
+    ``base_old_<metric>``), so what is compared is forgetting, not the new images crowding old
+    answers (``old_whole_gallery_<metric>``, reported but not gated). ``base_version``: the
+    champion it started from; if ``champion`` moved meanwhile, the comparison is stale and
+    nothing is promoted.
     """
 
     metric: str = "grace_R@10"
@@ -145,6 +148,7 @@ def check_incremental_gate(
         sign = ">=" if value >= bar else "<"
         reasons.append(
             f"{old_key} {value:.4f} {sign} base {metrics[base_key]:.4f} - {gate.old_tolerance:.4f}"
+            " (old images' gallery)"
         )
     else:
         reasons.append(f"no old-image queries to compare {gate.metric} on")

@@ -52,6 +52,7 @@ def train(
     callback: MetricsCallback | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    negatives: Sequence[ImageRecord] = (),
 ) -> GraceModel:
     """Train GRACE on an image set and its identifiers; resume from ``out`` if a run is there.
 
@@ -60,17 +61,28 @@ def train(
     only when stderr is a terminal. With ``config.processes`` > 1 the run happens in that many
     data-parallel processes (:mod:`grace.distributed_training`); under an outside launcher
     this process is one rank and trains on its share of every batch.
+
+    ``negatives``: images not trained on whose memorize and retrieve answers the trained rows
+    must not take (an incremental update's old images). Only with ``train_rows_from``, where
+    their hidden states are fixed: :mod:`grace.cached_negatives` computes them once and every
+    step adds their cross-entropy, weighted as if they were among the training examples.
     """
     cfg = config or TrainConfig()
     out, root = Path(out), Path(root)
     live = [r for r in records if r.key in id_map.ids]
     if not live:
         raise GraceError("no image of the set has a live identifier in this map")
+    negatives = [r for r in negatives if r.key in id_map.ids]
+    if negatives and cfg.train_rows_from is None:
+        raise GraceError(
+            "negatives are cached hidden states, fixed only when every weight but the trained "
+            "rows is frozen: set train_rows_from (ReplayConfig.only_new_ids)"
+        )
     rank, world = rank_and_world()
     if cfg.processes > 1 and world == 1:  # not yet inside a launched world: start one
         if stop_after_steps is not None:
             raise ValueError("stop_after_steps is a one-process test hook (processes=1)")
-        return launch_training(records, root, id_map, out, cfg, callback, progress)
+        return launch_training(records, root, id_map, out, cfg, callback, progress, negatives)
     if world > 1 and cfg.deepspeed is None:
         raise GraceError(
             f"{world} ranks need a DeepSpeed config to average gradients: set deepspeed="
@@ -120,6 +132,11 @@ def train(
             bf16=cfg.bf16,
             micro_batch_size=math.ceil(cfg.batch_size / world),
         )
+        fixed = None
+        if negatives:  # the frozen model's answers to the old images, once
+            fixed = _cached_negatives(engine, negatives, index, processor, root, cfg, tasks, texts)
+            # per step, as if each of their answer tokens were one of the training examples'
+            per_step = 1.0 / sum(len(ex.input_ids) - ex.n_prompt for ex in examples)
         step, epoch, first_batch = state["step"], state["epoch"], state["batch"]
         spent = float(state.get("seconds", 0.0))  # training time of the run before a resume
         if step:
@@ -158,6 +175,9 @@ def train(
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 with engine.autocast():
                     loss = engine.model(**batch).loss
+                    if fixed is not None:
+                        head = engine.module.get_output_embeddings()
+                        loss = loss + fixed.loss_sum(head) * per_step
                 engine.backward(loss)
                 grad_norm = engine.step()
                 step += 1
@@ -201,6 +221,7 @@ def train(
                 "steps": step,
                 "complete": not stopped,
                 "world_size": world,
+                "cached_negatives": {"images": len(negatives), "answers": len(fixed or ())},
             },
         )
         if stopped and stop_after_steps is not None and step >= stop_after_steps:
@@ -276,6 +297,20 @@ def _save_checkpoint(
             shutil.rmtree(partial, ignore_errors=True)
         raise
     engine.barrier()
+
+
+def _cached_negatives(engine, negatives, index, processor, root, cfg, tasks, texts):
+    """The negatives' memorize/retrieve answers (of the tasks this run trains), cached."""
+    from grace.cached_negatives import ID_TASKS, cache_negatives
+
+    images = ImageInputs(processor, negatives, root)
+    mine = [t for t in tasks if t in ID_TASKS]
+    examples = build_examples(negatives, index, processor, images, cfg.prompts, mine, texts=texts)
+    pad = tokenizer_of(processor).pad_token_id
+    return cache_negatives(
+        engine.module, examples, images, texts, pad, cfg.train_rows_from, engine.device,
+        batch_size=cfg.batch_size,
+    )  # fmt: skip
 
 
 def _train_only_rows(model: torch.nn.Module, start: int) -> None:

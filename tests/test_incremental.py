@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from grace.configuration_grace import TrainConfig
 from grace.errors import GraceError
@@ -129,17 +130,44 @@ def test_continued_training_learns_the_new_images(increment):
     assert m["new_images"] == 4 and m["old_images"] == 15 and m["base_old_images"] == 15
     # the base model cannot name a new image (it has no id for it); the candidate can
     assert m["new_memorization"] >= 0.5
-    assert m["old_grace_R@10_change"] == pytest.approx(
-        m["old_grace_R@10"] - m["base_old_grace_R@10"]
-    )
-    # whole-set figures are the parts weighted by their queries / images
-    q = m["old_queries"] + m["new_queries"]
-    assert m["queries"] == q
-    want = (m["old_grace_R@10"] * m["old_queries"] + m["new_grace_R@10"] * m["new_queries"]) / q
+    for prefix in ("old_", "old_whole_gallery_"):
+        assert m[f"{prefix}grace_R@10_change"] == pytest.approx(
+            m[f"{prefix}grace_R@10"] - m["base_old_grace_R@10"]
+        )
+    # whole-set figures are the whole-gallery parts weighted by their queries / images
+    old = "old_whole_gallery_"
+    q = m[old + "queries"] + m["new_queries"]
+    assert m["queries"] == q and m[old + "queries"] == m["old_queries"]
+    want = (m[old + "grace_R@10"] * m["old_queries"] + m["new_grace_R@10"] * m["new_queries"]) / q
     assert m["grace_R@10"] == pytest.approx(want)
     assert m["memorization"] == pytest.approx(
-        (15 * m["old_memorization"] + 4 * m["new_memorization"]) / 19
+        (15 * m[old + "memorization"] + 4 * m["new_memorization"]) / 19
     )
+
+
+@pytest.mark.slow
+def test_old_images_are_compared_with_the_base_in_the_base_s_gallery(increment):
+    """``old_*``: the candidate restricted to the old images (the new ones out of its trie), the
+    base restricted the same way (the removed image out of its trie): one gallery for both.
+    ``old_whole_gallery_*``: the candidate as a user searches it, new images included."""
+    from grace.evaluation import evaluate
+
+    inc = increment
+    m = evaluate_old_new(inc.candidate, inc.after, inc.root, inc.plan, base=inc.base)
+    old = [r for r in inc.after if r.key in set(inc.plan.kept)]
+
+    def scored(gm: GraceModel, leave_out: list[str]) -> dict[str, float]:
+        within = GraceModel(gm.model, gm.processor, gm.id_map.remove(leave_out), gm.records,
+                            gm.prompts)  # fmt: skip
+        return evaluate(within, old, inc.root).metrics
+
+    same = scored(inc.candidate, inc.plan.added)
+    whole = evaluate(inc.candidate, old, inc.root).metrics
+    base = scored(inc.base, inc.plan.removed)
+    for k in ("grace_R@1", "grace_R@5", "grace_R@10", "memorization"):
+        assert m[f"old_{k}"] == pytest.approx(same[k]), k
+        assert m[f"old_whole_gallery_{k}"] == pytest.approx(whole[k]), k
+        assert m[f"base_old_{k}"] == pytest.approx(base[k]), k
 
 
 @pytest.mark.slow
@@ -193,6 +221,22 @@ def test_incremental_gate(old, new_mem, promote):
         assert any("old_grace_R@10" in r and "<" in r for r in decision.reasons)
 
 
+@pytest.mark.parametrize(
+    ("same_gallery", "whole_gallery", "promote"),
+    [
+        (0.795, 0.60, True),  # no forgetting, new images crowd the old queries' top 10: promote
+        (0.70, 0.80, False),  # forgotten in the old gallery, whatever the whole gallery says
+    ],
+)
+def test_incremental_gate_reads_the_same_gallery_comparison(same_gallery, whole_gallery, promote):
+    metrics = {**BASE, "old_grace_R@10": same_gallery, "old_whole_gallery_grace_R@10":
+               whole_gallery, "new_memorization": 1.0, "new_grace_R@10": 0.6}  # fmt: skip
+    decision = check_incremental_gate(metrics, IncrementalGate(old_tolerance=0.01))
+    assert decision.promote is promote, decision.summary()
+    assert "old_grace_R@10" in decision.summary()
+    assert "old_whole_gallery" not in decision.summary()
+
+
 def test_incremental_gate_refuses_when_the_champion_moved_meanwhile():
     metrics = {**BASE, "old_grace_R@10": 0.9, "new_memorization": 1.0, "new_grace_R@10": 0.6}
     gate = IncrementalGate(base_version="3")
@@ -201,45 +245,108 @@ def test_incremental_gate_refuses_when_the_champion_moved_meanwhile():
     assert not moved.promote and "stale" in moved.summary()
 
 
-@pytest.mark.slow
-def test_only_new_ids_leaves_every_old_weight_and_old_answer_as_it_was(tmp_path, one_thread):
-    """Atomic ids, ``only_new_ids``: the new ids' embedding rows are the only weights that move,
-    so the old images (all replayed here, as negatives) keep their memorized ids, and the new
-    images get theirs."""
+@dataclass
+class LiteBase:
+    root: Path
+    before: list[ImageRecord]  # the base's 10 images
+    after: list[ImageRecord]  # the 10 and 4 new ones
+    cfg: TrainConfig
+    base: GraceModel
+
+    def update(self, out: Path, replay: ReplayConfig) -> tuple[GraceModel, UpdatePlan]:
+        plan = plan_update(self.base, self.after)
+        id_map = update_identifiers(self.base.id_map, plan, self.after)
+        cand = continue_training(self.root.parent / "base" / "model", self.after, self.root,
+                                 id_map, plan, out, replace(self.cfg, epochs=150, lr=1e-2),
+                                 replay)  # fmt: skip
+        return cand, plan
+
+    def memorized(self, gm: GraceModel, records: list[ImageRecord]) -> list[str | None]:
+        """The key of the image each image's memorized id names (whole gallery)."""
+        from grace.evaluation import _load
+
+        found = gm.recall_identifiers([_load(self.root, r) for r in records])
+        return [h.key if h else None for h in found]
+
+
+@pytest.fixture(scope="module")
+def lite_base(tmp_path_factory, one_thread) -> LiteBase:
+    """A small lite backbone with atomic ids that memorized its 10 images; 4 more arrive."""
     from grace.configuration_grace import LiteBackboneConfig
-    from grace.evaluation import _load
     from grace.training_grace import train
 
-    records = synthesize(tmp_path / "data", n=14, seed=2, test_fraction=0.0)
-    before, after = records[:10], records
+    tmp = tmp_path_factory.mktemp("lite_increment")
+    records = synthesize(tmp / "data", n=14, seed=2, test_fraction=0.25)
+    before = records[:10]
     lite = LiteBackboneConfig(hidden=64, layers=1, heads=2, vocab_size=400)
     cfg = TrainConfig(lite=lite, epochs=60, batch_size=16, describe_task=False,
                       caption_task=False, checkpoint_every=0, num_threads=1)  # fmt: skip
-    train(before, tmp_path / "data", assign_identifiers(before, "atomic"), tmp_path / "base", cfg,
+    train(before, tmp / "data", assign_identifiers(before, "atomic"), tmp / "base", cfg,
           progress=False)  # fmt: skip
-    base = GraceModel.load(tmp_path / "base" / "model")
-    plan = plan_update(base, after)
-    id_map = update_identifiers(base.id_map, plan, after)
-    cand = continue_training(
-        tmp_path / "base" / "model", after, tmp_path / "data", id_map, plan, tmp_path / "cand",
-        replace(cfg, epochs=150, lr=1e-2), ReplayConfig(ratio=3, only_new_ids=True),
-    )  # fmt: skip
-    old_rows = len(base.processor.tokenizer)
+    base = GraceModel.load(tmp / "base" / "model")
+    lb = LiteBase(tmp / "data", before, records, cfg, base)
+    assert lb.memorized(base, before) == [r.key for r in before]
+    return lb
+
+
+@pytest.mark.slow
+def test_only_new_ids_leaves_every_old_weight_and_old_answer_as_it_was(lite_base, tmp_path):
+    """Atomic ids, ``only_new_ids``: the new ids' embedding rows are the only weights that move,
+    so the old images (all replayed here, as negatives) keep their memorized ids, and the new
+    images get theirs."""
+    lb = lite_base
+    cand, plan = lb.update(tmp_path / "cand", ReplayConfig(ratio=3, only_new_ids=True))
+    assert len(plan.replay) == 10  # every old image replayed: nothing left to cache
+    assert cand.info["cached_negatives"] == {"images": 0, "answers": 0}
+    old_rows = len(lb.base.processor.tokenizer)
     assert cand.info["train_config"]["train_rows_from"] == old_rows
-    new_state, old_state = cand.model.state_dict(), base.model.state_dict()
+    new_state, old_state = cand.model.state_dict(), lb.base.model.state_dict()
     for name, old in old_state.items():
         new = new_state[name]
         if new.shape != old.shape:  # the embedding tables grew by the new ids' rows
             torch.testing.assert_close(new[:old_rows], old[:old_rows], rtol=0, atol=0)
         else:
             torch.testing.assert_close(new, old, rtol=0, atol=0, msg=name)
-    images = [_load(tmp_path / "data", r) for r in after]
-    found = [h.key if h else None for h in cand.recall_identifiers(images)]
-    assert [h.key if h else None for h in base.recall_identifiers(images[:10])] == [
-        r.key for r in before
-    ]
-    assert found[:10] == [r.key for r in before]  # no new id took an old image
-    assert found[10:] == [r.key for r in after[10:]]  # the new images are memorized
+    found = lb.memorized(cand, lb.after)
+    assert found[:10] == [r.key for r in lb.before]  # no new id took an old image
+    assert found[10:] == [r.key for r in lb.after[10:]]  # the new images are memorized
+
+
+@pytest.mark.slow
+def test_cached_negatives_keep_old_images_on_their_ids_without_replay(lite_base, tmp_path):
+    """No replay at all: trained on the new images alone, the new ids take old images' answers;
+    with every old image a cached negative (the default) none does, at no forward pass of
+    theirs during training. Old-gallery metrics equal the base's exactly in both runs: the
+    weights the old answers come from are frozen, so what moves is the whole gallery only."""
+    lb = lite_base
+    alone, plan = lb.update(tmp_path / "alone", ReplayConfig(ratio=0, minimum=0,
+                            only_new_ids=True, all_old_negatives=False))  # fmt: skip
+    assert plan.replay == []
+    cached, _ = lb.update(tmp_path / "cached", ReplayConfig(ratio=0, minimum=0,
+                          only_new_ids=True))  # fmt: skip
+    assert alone.info["cached_negatives"]["images"] == 0
+    negatives = cached.info["cached_negatives"]
+    assert negatives["images"] == 10 and negatives["answers"] > 2 * 10  # memorize + queries
+    old_keys = [r.key for r in lb.before]
+    assert sum(a == k for a, k in zip(lb.memorized(alone, lb.before), old_keys, strict=True)) < 9
+    assert lb.memorized(cached, lb.before) == old_keys
+    assert lb.memorized(cached, lb.after[10:]) == [r.key for r in lb.after[10:]]
+    for gm in (alone, cached):
+        m = evaluate_old_new(gm, lb.after, lb.root, plan, base=lb.base)
+        for k in ("grace_R@1", "grace_R@10", "memorization"):
+            assert m[f"old_{k}_change"] == 0.0, k
+    assert m["old_whole_gallery_memorization_change"] == 0.0
+
+
+@pytest.mark.slow
+def test_negatives_need_every_other_weight_frozen(lite_base, tmp_path):
+    from grace.training_grace import train
+
+    lb = lite_base
+    with pytest.raises(GraceError, match="set train_rows_from"):
+        train(lb.before[:4], lb.root, lb.base.id_map, tmp_path / "t", lb.cfg, progress=False,
+              negatives=lb.before[4:])  # fmt: skip
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.slow
@@ -249,3 +356,41 @@ def test_only_new_ids_is_refused_for_ids_without_tokens_of_their_own(increment, 
         continue_training(inc.base_dir, inc.after, inc.root, inc.id_map, inc.plan, tmp_path / "c",
                           _cfg(1, 1e-3), ReplayConfig(only_new_ids=True))  # fmt: skip
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_cached_negatives_are_the_model_s_own_cross_entropy(lite_base):
+    """The cached answers' loss is exactly the summed token cross-entropy the model computes on
+    those examples (the same positions, the whole vocabulary), and only rows ``start:`` get a
+    gradient from it."""
+    from grace.cached_negatives import cache_negatives
+    from grace.identifier_index import IdentifierIndex
+    from grace.modeling_backbone import tokenizer_of
+    from grace.task_examples import ImageInputs, TextInputs, build_examples, collate
+
+    lb = lite_base
+    model, processor = lb.base.model, lb.base.processor
+    tok = tokenizer_of(processor)
+    images, texts = ImageInputs(processor, lb.before, lb.root), TextInputs(processor)
+    index = IdentifierIndex.build(lb.base.id_map, tok)
+    start = len(tok) - 4  # the last four ids' rows "trained": their images are no negatives
+    tasks = ["memorize", "retrieve"]
+    every = build_examples(lb.before, index, processor, images, lb.cfg.prompts, tasks, texts=texts)
+    examples = [e for e in every if max(e.input_ids) < start]
+    fixed = cache_negatives(model, examples, images, texts, tok.pad_token_id, start,
+                            torch.device("cpu"))  # fmt: skip
+    assert len(fixed) == sum(len(e.input_ids) - e.n_prompt for e in examples)
+    want = 0.0
+    for task in ("memorize", "retrieve"):
+        batch = collate([e for e in examples if e.task == task], images, tok.pad_token_id, texts)
+        labels = batch.pop("labels")[:, 1:]
+        with torch.no_grad():
+            logits = model(**batch).logits[:, :-1]
+        answer = labels != -100
+        want += F.cross_entropy(logits[answer], labels[answer], reduction="sum").item()
+    head = model.get_output_embeddings()
+    got = fixed.loss_sum(head)
+    assert got.item() == pytest.approx(want, rel=1e-4)
+    got.backward()
+    grad, head.weight.grad = head.weight.grad, None
+    assert grad[:start].abs().max() == 0 and grad[start:].abs().max() > 0

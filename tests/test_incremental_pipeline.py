@@ -149,6 +149,9 @@ def test_incremental_run_registers_a_version_linked_to_its_base(world, increment
         "old_memorization",
         "new_memorization",
         "old_grace_R_at_10_change",
+        "old_whole_gallery_grace_R_at_10",  # beside the gate's old-gallery comparison
+        "old_whole_gallery_grace_R_at_10_change",
+        "old_whole_gallery_memorization",
     ):
         assert key in m, key  # fmt: skip
     assert m["images_added"] == 4 and m["images_removed"] == 1 and m["changes"] == 5
@@ -161,6 +164,9 @@ def test_incremental_run_registers_a_version_linked_to_its_base(world, increment
     }  # fmt: skip
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "old_vs_new_recall.png" in arts
+    run_dir = next(p for p in Path(out["pipeline_root"]).iterdir() if p.is_dir())
+    report = (run_dir / "evaluate-incremental" / "report").read_text()
+    assert "old images (old gallery)" in report and "old images (whole gallery)" in report
 
     # the registered model: old ids kept, the removed image's id retired, never answered
     base_map = GraceModel.load(download_grace_model("grace", base_version, tmp / "b")).id_map
