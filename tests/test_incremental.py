@@ -280,7 +280,8 @@ def lite_base(tmp_path_factory, one_thread) -> LiteBase:
     before = records[:10]
     lite = LiteBackboneConfig(hidden=64, layers=1, heads=2, vocab_size=400)
     cfg = TrainConfig(lite=lite, epochs=60, batch_size=16, describe_task=False,
-                      caption_task=False, checkpoint_every=0, num_threads=1)  # fmt: skip
+                      caption_task=False, checkpoint_every=0, num_threads=1,
+                      pseudo_queries="off")  # fmt: skip
     train(before, tmp / "data", assign_identifiers(before, "atomic"), tmp / "base", cfg,
           progress=False)  # fmt: skip
     base = GraceModel.load(tmp / "base" / "model")
