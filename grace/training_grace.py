@@ -300,12 +300,14 @@ def _save_checkpoint(
 
 
 def _cached_negatives(engine, negatives, index, processor, root, cfg, tasks, texts):
-    """The negatives' memorize/retrieve answers (of the tasks this run trains), cached."""
+    """The negatives' memorize/retrieve answers (of the tasks this run trains, in its mix:
+    memorize examples ``memorize_repeats`` times), cached."""
     from grace.cached_negatives import ID_TASKS, cache_negatives
 
     images = ImageInputs(processor, negatives, root)
     mine = [t for t in tasks if t in ID_TASKS]
-    examples = build_examples(negatives, index, processor, images, cfg.prompts, mine, texts=texts)
+    examples = build_examples(negatives, index, processor, images, cfg.prompts, mine, texts=texts,
+                              memorize_repeats=cfg.memorize_repeats)  # fmt: skip
     pad = tokenizer_of(processor).pad_token_id
     return cache_negatives(
         engine.module, examples, images, texts, pad, cfg.train_rows_from, engine.device,
