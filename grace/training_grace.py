@@ -391,11 +391,6 @@ def _pseudo_query_source(model: torch.nn.Module, cfg: TrainConfig) -> str:
     """Where this run's pseudo-queries come from ("off" when it trains no retrieval)."""
     if not cfg.retrieve_task:
         return "off"
-    if cfg.train_rows_from is not None and cfg.pseudo_queries == "auto":
-        # the trained rows are new ids, and a pseudo-query is some other image's caption: it
-        # would teach a new id to take that caption from the old image that owns it, which is
-        # what the frozen old answers (and their cached negatives) are there to prevent
-        return "off"
     source = resolve_source(cfg.pseudo_queries, model)
     if source == "caption" and not cfg.caption_task:
         raise GraceError(
