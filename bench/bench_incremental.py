@@ -6,7 +6,8 @@ A base model is trained from scratch on ``--n`` demo images (``grace.synth``, ``
 * full retrain: from scratch on the whole set, the base's settings;
 * incremental: ``grace.incremental`` continues from the base on the new images plus a replay
   sample of old ones (``--variants``: ratio, lr, all weights or the new ids' rows only, with
-  every old image a cached negative or only the replayed ones), ``--inc-epochs`` epochs.
+  every old image a cached negative or only the replayed ones, memorize repeats),
+  ``--inc-epochs`` epochs.
 
 Reported: wall time and CPU time of each training (``time.process_time``, the compute), old-image
 R@10 against the base on the same images and the same gallery (forgetting; what the gate
@@ -30,6 +31,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,7 +59,9 @@ SMALL = TinyBackboneConfig(
 )
 
 
-def config(epochs: int, lr: float, warmup: int, args: argparse.Namespace) -> TrainConfig:
+def config(
+    epochs: int, lr: float, warmup: int, args: argparse.Namespace, repeats: int = 1
+) -> TrainConfig:
     return TrainConfig(
         backbone=args.backbone,
         tiny=SMALL if args.small else TinyBackboneConfig(),
@@ -65,6 +69,7 @@ def config(epochs: int, lr: float, warmup: int, args: argparse.Namespace) -> Tra
         batch_size=args.batch,
         lr=lr,
         warmup_steps=warmup,
+        memorize_repeats=repeats,
         describe_task=False,
         caption_task=False,
         checkpoint_every=0,
@@ -95,9 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         "--variants",
         type=_variants,
         default="1:1e-3,4:3e-4",
-        help="increment settings RATIO:LR[:MODE],... (replayed old images per new one, lr; "
-        "MODE 'new': train only the new atomic ids' rows, the rest frozen, every old image a "
-        "cached negative; 'new-replayed': the same, only the replayed images as negatives)",
+        help="increment settings RATIO:LR[:MODE[:REPEATS[:QUERIES]]],... (replayed old images "
+        "per new one, lr; MODE 'new': train only the new atomic ids' rows, the rest frozen, "
+        "every old image a cached negative; 'new-replayed': the same, only the replayed images "
+        "as negatives; 'all': every weight; REPEATS: memorize_repeats, default 1; QUERIES: "
+        "pseudo_queries auto, nearest or off, default auto)",
     )
     p.add_argument("--no-full", action="store_true", help="skip the full-retrain comparison")
     p.add_argument("--write", type=Path, help="put the section in this markdown file")
@@ -135,15 +142,18 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(_row(fm, "full retrain (= increment 1)", sets[1], len(sets[1]), full,
                              wall, cpu, fm, reference))  # fmt: skip
             log(f"full retrain: {wall:.0f} s")
-        for ratio, lr, mode in args.variants:
+        for variant in args.variants:
+            ratio, lr, mode, repeats, queries = variant
+            # rows_training={}: the variant's own lr and repeats, not the library's defaults
             replay = ReplayConfig(ratio=ratio, only_new_ids=mode != "all",
-                                  all_old_negatives=mode == "new")  # fmt: skip
-            inc_cfg = config(args.inc_epochs, lr, min(args.warmup, 10), args)
+                                  all_old_negatives=mode == "new", rows_training={})  # fmt: skip
+            inc_cfg = replace(config(args.inc_epochs, lr, min(args.warmup, 10), args, repeats),
+                              pseudo_queries=queries)  # fmt: skip
             prev_dir, prev = base_dir, original
             for i in range(1, args.increments + 1):
                 plan = plan_update(prev, sets[i])
                 id_map = update_identifiers(prev.id_map, plan, sets[i])
-                out = work / f"inc-{ratio:g}-{lr:g}-{mode}-{i}"
+                out = work / f"inc-{ratio:g}-{lr:g}-{mode}-x{repeats}-{queries}-{i}"
                 cand, wall, cpu = timed(
                     continue_training, prev_dir, sets[i], root, id_map, plan, out, inc_cfg,
                     replay,
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:  # the original base's images; its own scores are the reference
                     vs_original = evaluate_old_new(cand, sets[i], root, plan_update(original,
                                                    sets[i]))  # fmt: skip
-                name = f"increment {i} ({_variant_name(ratio, lr, mode)})"
+                name = f"increment {i} ({_variant_name(*variant)})"
                 trained = len(plan.added) + len(plan.replay)
                 rows.append(_row(m, name, sets[i], trained, cand, wall, cpu, vs_original,
                                  reference))  # fmt: skip
@@ -185,27 +195,44 @@ def _row(m, name, records, trained, gm, wall, cpu, vs_original, reference) -> di
     }
 
 
-MODES = {"": "all", "new": "new", "new-replayed": "new-replayed"}
+MODES = {"": "all", "all": "all", "new": "new", "new-replayed": "new-replayed"}
+QUERIES = ("auto", "nearest", "off")
 
 
-def _variants(text: str) -> list[tuple[float, float, str]]:
-    """``1:1e-3,4:3e-4:new`` -> [(replay ratio, lr, mode), ...]; mode ``all`` (every weight
-    trained), ``new`` (new ids' rows, every old image a cached negative) or ``new-replayed``."""
+def _variants(text: str) -> list[tuple[float, float, str, int, str]]:
+    """``1:1e-3,0:1e-2:new:4:nearest`` -> [(replay ratio, lr, mode, memorize repeats,
+    pseudo-queries), ...]; mode ``all`` (every weight trained), ``new`` (new ids' rows, every
+    old image a cached negative) or ``new-replayed``; repeats 1 and pseudo-queries ``auto``
+    unless given."""
     out = []
     for v in text.split(","):
-        ratio, lr, *mode = v.split(":")
-        if len(mode) > 1 or (mode and mode[0] not in MODES):
+        ratio, lr, *rest = v.split(":")
+        mode = rest[0] if rest else ""
+        repeats = rest[1] if len(rest) > 1 else "1"
+        queries = rest[2] if len(rest) > 2 else "auto"
+        if (
+            len(rest) > 3
+            or mode not in MODES
+            or not repeats.isdigit()
+            or int(repeats) < 1
+            or queries not in QUERIES
+        ):
             raise argparse.ArgumentTypeError(
-                f"variant {v!r}: expected RATIO:LR, RATIO:LR:new or RATIO:LR:new-replayed"
+                f"variant {v!r}: expected RATIO:LR[:MODE[:REPEATS[:QUERIES]]], MODE all, new or "
+                f"new-replayed, REPEATS >= 1, QUERIES one of {', '.join(QUERIES)}"
             )
-        out.append((float(ratio), float(lr), MODES[mode[0] if mode else ""]))
+        out.append((float(ratio), float(lr), MODES[mode], int(repeats), queries))
     return out
 
 
-def _variant_name(ratio: float, lr: float, mode: str) -> str:
+def _variant_name(
+    ratio: float, lr: float, mode: str, repeats: int = 1, queries: str = "auto"
+) -> str:
     what = {"all": "", "new": ", new ids only, all old negatives",
             "new-replayed": ", new ids only, replayed negatives"}[mode]  # fmt: skip
-    return f"replay {ratio:g}, lr {lr:g}{what}"
+    times = f", memorize x{repeats}" if repeats > 1 else ""
+    asked = f", pseudo-queries {queries}" if queries != "auto" else ""
+    return f"replay {ratio:g}, lr {lr:g}{what}{times}{asked}"
 
 
 def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
@@ -230,7 +257,11 @@ def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
         "atomic ids' embedding rows frozen, `ReplayConfig.only_new_ids`; *all old negatives*: "
         "every old image's memorize and training-query answers, cached once, are negatives for "
         "the new rows, `ReplayConfig.all_old_negatives`; *replayed negatives*: only the "
-        "replayed sample). Old images: those the model it started from had; R@10 on their "
+        "replayed sample; *memorize xK*: each image's memorize example K times an epoch, "
+        "`TrainConfig.memorize_repeats`, the cached old images' memorize answers weighing K "
+        "too; *pseudo-queries off / nearest*: the increment's `TrainConfig.pseudo_queries`, "
+        "unnamed: `auto`, nearest train captions of the images it trains on, on lite). "
+        "Old images: those the model it started from had; R@10 on their "
         "held-out captions. *Old gallery*: the candidate answers from the old images only, as "
         "the base did, so Δ is forgetting (what the incremental gate reads); *whole gallery*: "
         "from every live image, as a user searches, so Δ adds the new images crowding the old "
@@ -263,8 +294,8 @@ def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
             f"{100 * full['old_whole_gallery_grace_R@10_change']:+.1f} pt in the whole gallery "
             "against the base: the crowding reference."
         )
-    for ratio, lr, mode in args.variants:
-        label = _variant_name(ratio, lr, mode)
+    for variant in args.variants:
+        label = _variant_name(*variant)
         mine = [r for r in rows if r["run"].endswith(f"({label})")]
         inc = mine[0]
         if full:

@@ -22,8 +22,8 @@ def incremental_train(
     processes: int = 1,
 ):
     """``settings``: TrainConfig fields; ``replay``: ReplayConfig fields (ratio, minimum, seed,
-    only_new_ids, all_old_negatives); ``processes``: data-parallel training processes, one per
-    GPU (needs ``deepspeed``)."""
+    only_new_ids, all_old_negatives, rows_training; unset ones chosen for the base's ids);
+    ``processes``: data-parallel training processes, one per GPU (needs ``deepspeed``)."""
     from grace.pipeline_steps import context, incremental_train
 
     summary = incremental_train(

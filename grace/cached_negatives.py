@@ -11,11 +11,14 @@ logits of those states, and the cross-entropy over the whole vocabulary follows 
 
 Its gradient reaches the trained rows alone and pushes a new id down wherever it would outscore
 an old image's own answer, for all old images and not just a replayed sample, without a
-forward pass of any of them during training.
+forward pass of any of them during training. An example listed k times (``memorize_repeats``)
+is run once and weighs k, as it would among the training examples: the new image's memorize
+answer and the old images' it must not take then keep the training run's balance.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,11 +34,13 @@ ID_TASKS = ("memorize", "retrieve")
 @dataclass
 class CachedNegatives:
     """Answer positions of the old examples: ``hidden`` [M, d] (the head's input),
-    ``frozen_lse`` [M] and ``target_logit`` [M] (constants), rows ``start:`` trained."""
+    ``frozen_lse`` [M], ``target_logit`` [M] and ``weight`` [M] (how many times the example was
+    listed; constants), rows ``start:`` trained."""
 
     hidden: torch.Tensor
     frozen_lse: torch.Tensor
     target_logit: torch.Tensor
+    weight: torch.Tensor
     start: int
     examples: int
 
@@ -43,13 +48,13 @@ class CachedNegatives:
         return self.hidden.shape[0]
 
     def loss_sum(self, head: torch.nn.Module) -> torch.Tensor:
-        """The summed cross-entropy of every cached answer position against the whole
-        vocabulary, differentiable in the head's trained rows only."""
+        """The summed cross-entropy of every cached answer position (times its weight) against
+        the whole vocabulary, differentiable in the head's trained rows only."""
         logits = self.hidden @ head.weight[self.start :].T
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[self.start :]
         every = torch.cat([self.frozen_lse[:, None], logits.float()], dim=1)
-        return (torch.logsumexp(every, dim=1) - self.target_logit).sum()
+        return ((torch.logsumexp(every, dim=1) - self.target_logit) * self.weight).sum()
 
 
 @torch.no_grad()
@@ -63,8 +68,9 @@ def cache_negatives(
     device: torch.device,
     batch_size: int = 64,
 ) -> CachedNegatives:
-    """Run the frozen ``model`` once over ``examples`` (their answers must be frozen rows, below
-    ``start``) and keep what :meth:`CachedNegatives.loss_sum` needs, on ``device``."""
+    """Run the frozen ``model`` once over each distinct example of ``examples`` (their answers
+    must be frozen rows, below ``start``) and keep what :meth:`CachedNegatives.loss_sum` needs,
+    on ``device``."""
     if not examples:
         raise ValueError("no examples to cache as negatives")
     head = model.get_output_embeddings()
@@ -75,11 +81,12 @@ def cache_negatives(
         )
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
-    hidden, lse, target = [], [], []
+    listed = Counter(examples)
+    hidden, lse, target, weight = [], [], [], []
     was_training = model.training
     model.eval()
     try:
-        for members in _batches(examples, batch_size):
+        for members in _batches(list(listed), batch_size):
             batch = collate(members, images, pad_token_id, texts)
             labels = batch.pop("labels")[:, 1:]  # position t predicts token t + 1
             captured.clear()
@@ -96,12 +103,14 @@ def cache_negatives(
             hidden.append(h)
             lse.append(torch.logsumexp(logits[:, :start], dim=1))
             target.append(logits.gather(1, y[:, None])[:, 0])
+            times = torch.tensor([float(listed[m]) for m in members])[:, None]
+            weight.append(times.expand(answer.shape)[answer].to(device))
     finally:
         hook.remove()
         model.train(was_training)
     return CachedNegatives(
-        torch.cat(hidden).to(head.weight.dtype), torch.cat(lse), torch.cat(target), start,
-        len(examples),
+        torch.cat(hidden).to(head.weight.dtype), torch.cat(lse), torch.cat(target),
+        torch.cat(weight), start, len(examples),
     )  # fmt: skip
 
 

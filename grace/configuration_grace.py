@@ -89,7 +89,8 @@ class TrainConfig:
     # pseudo-queries (grace.pseudo_queries): images without train captions get queries for
     # learning to retrieve. "nearest": train captions the model's query-image alignment puts
     # next to the image (lite); "caption": the model's own caption (needs caption_task);
-    # "auto": nearest where the backbone aligns (and not with train_rows_from), else off; "off".
+    # "auto": nearest where the backbone aligns, else off; "off". An incremental update's come
+    # from the captions it trains on (the new images' and the replayed ones').
     pseudo_queries: str = "auto"
     # made at the first epoch start where this share of the epochs, or of max_seconds, is done
     # (late enough for the alignment or the captions to be good)

@@ -36,27 +36,51 @@ OLD, OLD_WHOLE, NEW, BASE_OLD = "old_", "old_whole_gallery_", "new_", "base_old_
 SPLIT_METRICS = ("grace_R@1", "grace_R@5", "grace_R@10", "memorization", "queries", "images")
 
 
+# schemes whose every identifier is one token of its own: only their new rows can train alone
+OWN_TOKEN_SCHEMES = ("atomic",)
+# training settings of an update that trains only the new rows (ReplayConfig.rows_training):
+# a fresh row needs far larger steps than fine-tuning every weight does, and four memorize
+# examples of each new image an epoch (the cached old answers weighing four too) take new-image
+# memorization from 0.94-0.97 to 0.99-1.00 for ~20 % more CPU (BENCHMARKS.md)
+ROWS_TRAINING = {"lr": 1e-2, "epochs": 10, "warmup_steps": 10, "memorize_repeats": 4}
+
+
 @dataclass(frozen=True)
 class ReplayConfig:
-    """How many old images are trained again beside the new ones, against forgetting.
+    """Which weights an update trains, and how many old images it trains again beside the new.
 
-    ``ratio`` old images per new image, at least ``minimum`` (capped by how many there are).
+    ``None`` fields are chosen for the base's identifiers by :meth:`resolve` (the best measured
+    setting, ``BENCHMARKS.md``): ``only_new_ids`` on for ids that are tokens of their own
+    (atomic), off otherwise; ``ratio`` 0 when every old image is a cached negative (replay then
+    adds cost and nothing else), else 1. ``ratio`` old images per new image, at least
+    ``minimum`` (capped by how many there are).
     """
 
-    ratio: float = 1.0
+    ratio: float | None = None
     minimum: int = 8
     seed: int = 0
-    # atomic ids: train only the new identifiers' embedding rows, the rest of the model frozen,
-    # so the old images' scores stay exactly as they were (replayed images serve as negatives)
-    only_new_ids: bool = False
+    # train only the new identifiers' embedding rows, the rest of the model frozen, so the old
+    # images' scores stay exactly as they were (replayed images serve as negatives)
+    only_new_ids: bool | None = None
     # with only_new_ids: every old image that is not replayed is a negative too, from hidden
     # states the frozen model computes once (grace.cached_negatives), so no new id takes an
     # old image's memorize or retrieve answer; False: only the replayed sample
     all_old_negatives: bool = True
+    # with only_new_ids: TrainConfig fields that replace the update's training settings (the
+    # pipeline's are for training every weight); {} trains the rows with the settings as given
+    rows_training: dict[str, Any] = field(default_factory=lambda: dict(ROWS_TRAINING))
 
     def __post_init__(self) -> None:
-        if self.ratio < 0 or self.minimum < 0:
+        if (self.ratio is not None and self.ratio < 0) or self.minimum < 0:
             raise ValueError("replay ratio and minimum must be >= 0")
+
+    def resolve(self, scheme: str) -> ReplayConfig:
+        """These settings for a base whose identifiers are of ``scheme``, no field left None."""
+        only_new = scheme in OWN_TOKEN_SCHEMES if self.only_new_ids is None else self.only_new_ids
+        ratio = self.ratio
+        if ratio is None:
+            ratio = 0.0 if only_new and self.all_old_negatives else 1.0
+        return replace(self, ratio=ratio, only_new_ids=bool(only_new))
 
 
 @dataclass
@@ -130,9 +154,12 @@ def update_identifiers(
 
 
 def training_set(
-    records: Sequence[ImageRecord], plan: UpdatePlan, replay: ReplayConfig = ReplayConfig()
+    records: Sequence[ImageRecord], plan: UpdatePlan, replay: ReplayConfig
 ) -> list[ImageRecord]:
-    """New and refreshed images, plus a seeded sample of the other old images (``plan.replay``)."""
+    """New and refreshed images, plus a seeded sample of the other old images (``plan.replay``);
+    ``replay`` resolved (:meth:`ReplayConfig.resolve`)."""
+    if replay.ratio is None:
+        raise ValueError("resolve the replay settings for the base's identifier scheme first")
     focus = set(plan.added) | set(plan.refreshed)
     old = [r for r in records if r.key not in focus and r.key in set(plan.kept)]
     # int(): settings that crossed KFP (a protobuf Struct) arrive as floats
@@ -164,9 +191,11 @@ def continue_training(
     from grace.training_grace import train
 
     live = [r for r in records if r.key in id_map.ids]
+    replay = replay.resolve(id_map.scheme)
     if not plan.needs_training:
         base = GraceModel.load(base_dir)
-        info = {**base.info, "steps": 0, "complete": True, "incremental": plan.summary()}
+        info = {**base.info, "steps": 0, "complete": True, "incremental": plan.summary(),
+                "replay": asdict(replay)}  # fmt: skip
         gm = GraceModel(base.model, base.processor, id_map, live, base.prompts, info)
         gm.save(out_model)
         return gm
@@ -178,7 +207,8 @@ def continue_training(
                 f"only_new_ids trains the new identifiers' own token rows, and {id_map.scheme!r} "
                 "identifiers have none: use atomic ids, or only_new_ids=false"
             )
-        cfg = replace(cfg, train_rows_from=_vocabulary_size(base_dir))
+        rows = {**replay.rows_training, "train_rows_from": _vocabulary_size(base_dir)}
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **rows})
     negatives: list[ImageRecord] = []
     if replay.only_new_ids and replay.all_old_negatives:
         trained_on, kept = {r.key for r in subset}, set(plan.kept)
@@ -188,7 +218,8 @@ def continue_training(
     with tempfile.TemporaryDirectory(dir=out_model.parent, prefix=".incremental-") as scratch:
         trained = train(subset, root, id_map, scratch, cfg, callback, progress=progress,
                         negatives=negatives)  # fmt: skip
-    info = {**trained.info, "incremental": plan.summary(), "base": os.fspath(base_dir)}
+    info = {**trained.info, "incremental": plan.summary(), "base": os.fspath(base_dir),
+            "replay": asdict(replay)}  # fmt: skip
     gm = GraceModel(trained.model, trained.processor, id_map, live, trained.prompts, info)
     gm.save(out_model)
     return gm

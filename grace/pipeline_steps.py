@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -420,9 +420,8 @@ def incremental_train(
 
     records = _records(dataset_dir)
     cfg = TrainConfig.from_dict({**(settings or {}), "backbone": "tiny", "processes": processes})
-    replay_cfg = ReplayConfig(**(replay or {}))
-    step_params = {**_flat(cfg.to_dict()), "base_model": base_model,
-                   **_flat({"replay": asdict(replay_cfg)})}  # fmt: skip
+    replay_cfg = ReplayConfig(**(replay or {}))  # resolved for the base's ids, logged below
+    step_params = {**_flat(cfg.to_dict()), "base_model": base_model}
     step_params.pop("backbone")
     out_model = Path(out_model)
     with step_run(ctx.tracking, ctx.pipeline_key, "incremental_train", step_params) as run:
@@ -446,6 +445,7 @@ def incremental_train(
                 base_dir, records, dataset_dir, id_map, plan, out_model, cfg, replay_cfg, logger
             )
         logger.flush()
+        run.log_params(_flat({"replay": gm.info["replay"]}))
         write_json(out_plan, {"base_model": f"models:/{name}/{version}", **plan.to_dict()})
         run.log_artifact(out_plan, "incremental/plan.json")
         counts = plan.summary()

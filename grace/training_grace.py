@@ -300,12 +300,14 @@ def _save_checkpoint(
 
 
 def _cached_negatives(engine, negatives, index, processor, root, cfg, tasks, texts):
-    """The negatives' memorize/retrieve answers (of the tasks this run trains), cached."""
+    """The negatives' memorize/retrieve answers (of the tasks this run trains, in its mix:
+    memorize examples ``memorize_repeats`` times), cached."""
     from grace.cached_negatives import ID_TASKS, cache_negatives
 
     images = ImageInputs(processor, negatives, root)
     mine = [t for t in tasks if t in ID_TASKS]
-    examples = build_examples(negatives, index, processor, images, cfg.prompts, mine, texts=texts)
+    examples = build_examples(negatives, index, processor, images, cfg.prompts, mine, texts=texts,
+                              memorize_repeats=cfg.memorize_repeats)  # fmt: skip
     pad = tokenizer_of(processor).pad_token_id
     return cache_negatives(
         engine.module, examples, images, texts, pad, cfg.train_rows_from, engine.device,
@@ -388,11 +390,6 @@ def _time_share(cfg: TrainConfig, seconds: float) -> float:
 def _pseudo_query_source(model: torch.nn.Module, cfg: TrainConfig) -> str:
     """Where this run's pseudo-queries come from ("off" when it trains no retrieval)."""
     if not cfg.retrieve_task:
-        return "off"
-    if cfg.train_rows_from is not None and cfg.pseudo_queries == "auto":
-        # the trained rows are new ids, and a pseudo-query is some other image's caption: it
-        # would teach a new id to take that caption from the old image that owns it, which is
-        # what the frozen old answers (and their cached negatives) are there to prevent
         return "off"
     source = resolve_source(cfg.pseudo_queries, model)
     if source == "caption" and not cfg.caption_task:

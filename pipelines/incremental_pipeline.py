@@ -98,7 +98,7 @@ def incremental_pipeline(
     data_dir: str = "data",
     min_images: int = 1,
     train_settings: dict = {"epochs": 20, "lr": 5e-4, "warmup_steps": 10, "max_seconds": 180},
-    replay: dict = {"ratio": 1.0, "minimum": 8},
+    replay: dict = {"minimum": 8},
     embedder: str = "dual-encoder",
     embedder_seconds: float = 60.0,
     eval_beams: int = 10,

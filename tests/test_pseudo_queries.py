@@ -15,7 +15,7 @@ from grace.modeling_grace_lite import build_lite_backbone
 from grace.pseudo_queries import nearest_captions, resolve_source
 from grace.synth import synthesize
 from grace.task_examples import ImageInputs, TextInputs, user_turn
-from grace.training_grace import STATE_FILE, _pseudo_query_source, train
+from grace.training_grace import STATE_FILE, train
 
 SMALL_LITE = LiteBackboneConfig(hidden=64, layers=1, heads=2, vocab_size=400)
 
@@ -84,17 +84,6 @@ def test_source_auto_is_nearest_only_where_the_backbone_aligns(lite, small_backb
         TrainConfig(pseudo_queries="yes")
     with pytest.raises(ValueError, match="pseudo_query_at"):
         TrainConfig(pseudo_query_at=1.0)
-
-
-def test_auto_makes_none_when_only_new_id_rows_train(lite):
-    """An incremental update that trains only the new ids' rows keeps old answers fixed; a
-    pseudo-query (an old image's caption) would ask a new id to take one."""
-    _, _, model, _ = lite
-    assert _pseudo_query_source(model, TrainConfig()) == "nearest"
-    assert _pseudo_query_source(model, TrainConfig(train_rows_from=5)) == "off"
-    asked = TrainConfig(train_rows_from=5, pseudo_queries="nearest")
-    assert _pseudo_query_source(model, asked) == "nearest"
-    assert _pseudo_query_source(model, TrainConfig(retrieve_task=False)) == "off"
 
 
 def test_caption_pseudo_queries_need_the_caption_task(lite, tmp_path):
