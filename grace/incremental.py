@@ -41,7 +41,8 @@ OWN_TOKEN_SCHEMES = ("atomic",)
 # training settings of an update that trains only the new rows (ReplayConfig.rows_training):
 # a fresh row needs far larger steps than fine-tuning every weight does, and four memorize
 # examples of each new image an epoch (the cached old answers weighing four too) take new-image
-# memorization from 0.94-0.97 to 0.99-1.00 for ~20 % more CPU (BENCHMARKS.md)
+# memorization from 0.93-1.00 to 0.99-1.00 over three increments for ~10 % more CPU
+# (BENCHMARKS.md)
 ROWS_TRAINING = {"lr": 1e-2, "epochs": 10, "warmup_steps": 10, "memorize_repeats": 4}
 
 
