@@ -14,21 +14,18 @@ from grace.trie import Trie
 EOS, PAD = 3, 1
 
 
+def _llama_config(**changes) -> LlamaConfig:
+    """The tests' small Llama: 60 tokens, 32 wide, 2 layers; ``changes`` override fields."""
+    fields = dict(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, pad_token_id=PAD,
+                  eos_token_id=EOS, bos_token_id=2)  # fmt: skip
+    return LlamaConfig(**{**fields, **changes})
+
+
 @pytest.fixture(scope="module")
 def llama():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(_llama_config()).eval()
 
 
 def _ids(n: int, seed: int) -> list[tuple[int, ...]]:
@@ -156,17 +153,10 @@ def test_grouped_query_attention_and_scaled_rope_fuse_alike():
     """Fused steps pair rotary halves per head: with fewer key heads than query heads and a
     non-default rotary type the rankings are still ``generate``'s."""
     torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=60,
-        hidden_size=32,
+    config = _llama_config(
         intermediate_size=48,
-        num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
         rope_parameters={"rope_type": "linear", "rope_theta": 100.0, "factor": 2.0},
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=2,
     )
     model = LlamaForCausalLM(config).eval()
     assert model.model.rotary_emb.rope_type == "linear"
