@@ -189,18 +189,21 @@ def run_query_benchmark(
     text = setup.model.model.text_model
     shapes = {"": cfg.num_beams, "_batched": cfg.batch_size * cfg.num_beams}
     rates: dict[str, dict[int, list[float]]] = {m: {n: [] for n in cfg.sizes} for m in shapes}
+    order = np.random.default_rng(cfg.seed)
     for r in range(cfg.repeats):
         for n in cfg.sizes:
             for mode, shape in shapes.items():  # the floor's rate, under this size's load
                 rates[mode][n].append(linear_gflops(text, rows=shape, repeats=10))
             # call by call, the methods take turns: load changes hit all of them alike; the
-            # order rotates, so each follows the others equally often (the first after a dense
-            # scan finds its weights evicted from the caches, the next one finds them warm)
+            # order is shuffled at every turn, so each follows every other equally often on
+            # average (the first after a dense scan finds its weights evicted from the caches,
+            # the next one finds them warm). A rotation would not do: it keeps each method
+            # behind the same neighbour, which put the trie search always after a FAISS scan
+            # and the plain search after the warm batched trie search.
             spent = dict.fromkeys(timed[n], 0.0)
             names = list(timed[n])
             for i in range(max(len(c) for c in timed[n].values())):
-                k = (i + r) % len(names)
-                for name in names[k:] + names[:k]:
+                for name in order.permutation(names):
                     call = timed[n][name]
                     if i < len(call):
                         t0 = time.perf_counter()
