@@ -16,6 +16,9 @@ using the model. ``tests/test_beam_search.py`` holds both paths to ``generate``'
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,15 +67,38 @@ def _pairs_side_by_side(head_dim: int) -> torch.Tensor:
 def _packed_matmuls(like: torch.Tensor) -> bool:
     """Whether weights can be prepacked for oneDNN here (float32 on a CPU that has it).
 
-    ``torch.compile`` freezes CPU linears this way; at a decode step's 10-160 rows the packed
-    matmul took 20-30 % less time than ``F.linear`` (MKL) on the benchmark's AMD EPYC, and it
-    is most of a step."""
+    ``torch.compile`` freezes CPU linears this way. Whether it pays depends on the CPU (see
+    ``_packing_pays``)."""
     return (
         like.device.type == "cpu"
         and like.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def _packing_pays(weights: list[torch.Tensor], rows: int = 10, rounds: int = 7) -> bool:
+    """Whether oneDNN's packed matmuls beat ``F.linear`` (MKL) on this CPU for ``weights``, each
+    applied to ``rows`` rows as one query's beam step does: a probe of a few milliseconds, once
+    per fused model.
+
+    At a step's 10 rows the packed matmul took 20-30 % less time than ``F.linear`` on an AMD
+    EPYC and 10-20 % more on an Intel Xeon (Sapphire Rapids), so neither choice can be fixed.
+    Packing must win by 5 %, so that a near tie keeps MKL; both are float32 and rank alike."""
+    packed = [_pack(w) for w in weights]
+    xs = [torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights]
+    plain_times, packed_times = [], []
+    with torch.no_grad():
+        for _ in range(rounds):  # interleaved, so a change of load hits both alike
+            for ws, times, run in (
+                (weights, plain_times, F.linear),
+                (packed, packed_times, _packed_linear),
+            ):
+                t0 = time.perf_counter()
+                for x, w in zip(xs, ws, strict=True):
+                    run(x, w)
+                times.append(time.perf_counter() - t0)
+    return statistics.median(packed_times[1:]) < 0.95 * statistics.median(plain_times[1:])
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
@@ -108,25 +134,29 @@ class LlamaSteps:
             return w.view(heads, d, -1)[:, self.order].reshape(heads * d, -1)
 
         self.eps = torch.tensor(text.norm.variance_epsilon)
-        self.packed = _packed_matmuls(self.embed.weight)
-        pack = _pack if self.packed else lambda w: w
-        self.layers = []
+        layers = []
         for layer in text.layers:
             a, m = layer.self_attn, layer.mlp
             qkv = [paired(a.q_proj.weight, self.heads), paired(a.k_proj.weight, self.kv_heads)]
-            self.layers.append(
-                (
-                    pack(torch.cat([*qkv, a.v_proj.weight]) * layer.input_layernorm.weight),
-                    pack(a.o_proj.weight),
-                    pack(
-                        torch.cat([m.gate_proj.weight, m.up_proj.weight])
-                        * layer.post_attention_layernorm.weight
-                    ),
-                    pack(m.down_proj.weight),
-                    a.scaling,
-                )
+            layers.append(
+                [
+                    torch.cat([*qkv, a.v_proj.weight]) * layer.input_layernorm.weight,
+                    a.o_proj.weight,
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight])
+                    * layer.post_attention_layernorm.weight,
+                    m.down_proj.weight,
+                ]
             )
-        self.head = pack(head.weight * text.norm.weight)
+        head_weight = head.weight * text.norm.weight
+        self.packed = _packed_matmuls(self.embed.weight) and _packing_pays(
+            [*layers[0], head_weight]
+        )
+        pack = _pack if self.packed else lambda w: w
+        self.layers = [
+            (*(pack(w) for w in ws), layer.self_attn.scaling)
+            for ws, layer in zip(layers, text.layers, strict=True)
+        ]
+        self.head = pack(head_weight)
         self._turns = torch.zeros(0, d // 2, dtype=torch.complex64)
 
     def _rotation(self, positions: torch.Tensor) -> torch.Tensor:

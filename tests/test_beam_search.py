@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -117,9 +119,10 @@ def test_constraining_from_nodes_follows_the_processor_rules(vocab, removed):
     assert (child[row, tok][free] == trie.advance(nodes[row], tok)[free]).all()
 
 
-def test_fused_weights_follow_the_model_and_run_without_onednn(llama, monkeypatch):
+def test_fused_weights_follow_the_model_and_run_with_or_without_onednn(llama, monkeypatch):
     """The cached fused copy is reused while the weights stay, rebuilt once they change in
-    place; plain ``F.linear`` (no oneDNN prepacking, as on a GPU) ranks alike."""
+    place; oneDNN's prepacked matmuls and plain ``F.linear`` (what the CPU probe may pick, and
+    what a GPU gets) rank alike."""
     from grace import llama_steps
     from grace.llama_steps import LlamaSteps
 
@@ -136,13 +139,17 @@ def test_fused_weights_follow_the_model_and_run_without_onednn(llama, monkeypatc
         new, ref = _both(llama, _prompts(), trie, 4, 5)
         assert not torch.allclose(new.scores, before.scores)
         torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
+        for pays in (True, False):
+            monkeypatch.setattr(llama_steps, "_packing_pays", lambda weights, pays=pays: pays)
+            llama._grace_llama_steps = None
+            assert LlamaSteps.of(llama).packed is pays
+            new, ref = _both(llama, _prompts(), trie, 4, 5)
+            width = ref.sequences.shape[2]
+            assert torch.equal(new.sequences[..., :width], ref.sequences)
+            torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
         monkeypatch.setattr(llama_steps, "_packed_matmuls", lambda like: False)
         llama._grace_llama_steps = None
-        assert not LlamaSteps.of(llama).packed
-        new, ref = _both(llama, _prompts(), trie, 4, 5)
-        width = ref.sequences.shape[2]
-        assert torch.equal(new.sequences[..., :width], ref.sequences)
-        torch.testing.assert_close(new.scores, ref.scores, rtol=1e-5, atol=1e-5)
+        assert not LlamaSteps.of(llama).packed  # no oneDNN: no probe either
     finally:
         with torch.no_grad():
             llama.lm_head.weight.div_(3.0)
@@ -277,3 +284,17 @@ def test_bench_times_the_lite_backbone_and_its_sentence_encoding(tmp_path):
     assert "Crossover, GRACE + MiniLM encoding against dense" in res.output
     bad = CliRunner().invoke(app, [*args, "--backbone", "huge"])
     assert bad.exit_code != 0 and "expected one of tiny, lite" in bad.output
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_packing_probe_follows_the_faster_matmul(monkeypatch):
+    """The probe packs only when oneDNN's matmul is clearly the faster one here."""
+    from grace import llama_steps
+
+    weights = [torch.randn(48, 32), torch.randn(60, 48)]
+    slow = lambda x, w: time.sleep(2e-4)  # noqa: E731
+    monkeypatch.setattr(llama_steps, "_packed_linear", slow)
+    assert not llama_steps._packing_pays(weights)
+    monkeypatch.setattr(llama_steps, "_packed_linear", lambda x, w: None)
+    monkeypatch.setattr(llama_steps.F, "linear", slow)
+    assert llama_steps._packing_pays(weights)
