@@ -217,13 +217,13 @@ def _constrain(
     tokens all score -inf gets them at ``finfo.min / 2``.
     """
     n, vocab = log_probs.shape
-    row, tok, child = trie.live_edges(nodes)
+    row, tok, child, degree = trie.live_edges(nodes, with_degree=True)
     if trie.top_token >= vocab:
         inside = tok < vocab
         row, tok, child = row[inside], tok[inside], child[inside]
-    allowed = np.bincount(row, minlength=n)
-    if eos < vocab and not allowed.all():
-        rest = np.flatnonzero(allowed == 0)
+        degree = np.bincount(row, minlength=n)
+    if eos < vocab and not degree.all():
+        rest = np.flatnonzero(degree == 0)
         row = np.concatenate([row, rest])
         tok = np.concatenate([tok, np.full(rest.size, eos)])
         child = np.concatenate([child, nodes[rest]])

@@ -293,23 +293,28 @@ class Trie:
         child = self._child(np.asarray(nodes, dtype=np.int64), np.asarray(tokens), live_only=True)
         return np.where(child >= 0, child, self._sink)
 
-    def live_edges(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def live_edges(self, nodes: np.ndarray, *, with_degree: bool = False) -> tuple[np.ndarray, ...]:
         """``(row, token, child)`` of every live edge leaving ``nodes[row]``, rows ascending and
-        tokens ascending within a row.
+        tokens ascending within a row (``with_degree``: and each row's number of edges).
 
         What a decoder that keeps each beam's node needs at a step: the few tokens each beam may
         emit and the node each one leads to, read straight off the CSR arrays (no full-vocabulary
-        mask, no search for the child). A dead end (see ``advance``) has no edges.
+        mask, no search for the child). A dead end (see ``advance``) has no edges. A search
+        calls this at every step between model steps, which evict numpy's code and data from
+        the caches: each numpy call costs ~3x what it costs alone, so it makes few of them.
         """
-        nodes = np.asarray(nodes, dtype=np.int64)
-        lo = self.first_child[nodes].astype(np.int64)
-        deg = self.first_child[nodes + 1] - lo
-        row = np.repeat(np.arange(nodes.size), deg)
-        child = np.arange(1, row.size + 1) + np.repeat(lo - (np.cumsum(deg) - deg), deg)
+        lo = self.first_child[nodes]
+        degree = self.first_child[nodes + 1] - lo
+        row = np.repeat(np.arange(degree.size), degree)
+        # edges of row r: lo[r], lo[r] + 1, ...; child node = edge + 1 (the root has no edge)
+        edge = np.arange(row.size) + np.repeat(lo - (np.cumsum(degree) - degree), degree)
+        tok = self.edge_token[edge]
+        child = edge + 1
         if self._pruned:  # only after ``remove``, until a rebuild
             live = self.count[child] > 0
-            row, child = row[live], child[live]
-        return row, self.edge_token[child - 1].astype(np.int64), child
+            row, tok, child = row[live], tok[live], child[live]
+            degree = np.bincount(row, minlength=degree.size)
+        return (row, tok, child, degree) if with_degree else (row, tok, child)
 
     @property
     def dead_end(self) -> int:

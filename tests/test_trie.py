@@ -90,8 +90,9 @@ def assert_matches(trie: Trie, ref: RefTrie, live: set, rng: np.random.Generator
         node = np.zeros(len(group), dtype=np.int64)
         for j in range(n):
             node = trie.advance(node, batch[:, j])
-        row, tok, child = trie.live_edges(node)
+        row, tok, child, degree = trie.live_edges(node, with_degree=True)
         assert (np.diff(row) >= 0).all()
+        assert degree.tolist() == [len(ref.allowed(p)) for p in group]
         for i, p in enumerate(group):
             assert tok[row == i].tolist() == ref.allowed(p), p
         if row.size:
