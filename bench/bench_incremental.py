@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from benchmarks_md import write_section  # bench/ is on sys.path
+from benchmarks_md import cpus, write_section  # bench/ is on sys.path
 
 from grace.configuration_grace import TinyBackboneConfig, TrainConfig
 from grace.evaluation import evaluate
@@ -241,7 +241,7 @@ def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"Machine: {cpus()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, 1 torch thread; load average "
         f"{os.getloadavg()[0]:.2f} when it finished (2 cores shared with other jobs).",

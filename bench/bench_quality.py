@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from benchmarks_md import write_section  # bench/ is on sys.path
+from benchmarks_md import cpus, write_section  # bench/ is on sys.path
 
 from grace.cli_support import parse_params
 from grace.configuration_dual_encoder import DualEncoderConfig
@@ -124,7 +124,7 @@ def report(rows: list[dict], dense: dict, args, command: str, cfg: TrainConfig) 
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"Machine: {cpus()}, "
         f"Python {platform.python_version()}, torch {torch.__version__} "
         f"({args.threads} threads), transformers {transformers.__version__}; load average "
         f"{statistics.median(loads):.2f} (median at the end of each run; shared machine).",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from benchmarks_md import write_section  # bench/ is on sys.path
+from benchmarks_md import cpus, write_section  # bench/ is on sys.path
 
 from grace.atomic_io import write_text
 from grace.query_benchmark import (
@@ -43,7 +43,7 @@ def machine_line() -> str:
     except ImportError:
         faiss_version = ", faiss not installed"
     return (
-        f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"Machine: {cpus()}, "
         f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}{faiss_version}; "
         f"load average {os.getloadavg()[0]:.2f} when it finished (2 cores shared with other jobs)."

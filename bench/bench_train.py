@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from benchmarks_md import write_section  # bench/ is on sys.path
+from benchmarks_md import cpus, write_section  # bench/ is on sys.path
 
 ZERO2 = Path(__file__).resolve().parent.parent / "configs" / "deepspeed" / "zero2.json"
 
@@ -77,7 +77,7 @@ def report(rows: list[dict], command: str, args: argparse.Namespace) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"Machine: {cpus()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}; load average {os.getloadavg()[0]:.2f} when it finished "
         "(2 cores shared with other jobs).",

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from benchmarks_md import write_section  # bench/ is on sys.path
+from benchmarks_md import cpus, write_section  # bench/ is on sys.path
 
 from grace.trie import Trie, TrieLogitsProcessor
 
@@ -206,7 +206,7 @@ def report(rows: list[dict], command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"Machine: {cpus()}, "
         f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
         f"load average {os.getloadavg()[0]:.2f} when it finished.",

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -20,3 +22,17 @@ def write_section(path: Path, name: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     write_text(path, text)
+
+
+def cpus() -> str:
+    """``"2 CPUs (model name, arch)"``: the CPU model matters, since which matmul path wins, and
+    by how much, differs between CPUs of the same core count."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip() + ", "
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({model}{platform.machine() or platform.processor()})"
