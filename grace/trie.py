@@ -206,7 +206,7 @@ class Trie:
         for only as many rounds as the widest of these nodes needs (the root is a table lookup).
         """
         fc, et = self.first_child, self.edge_token
-        if et.size == 0:
+        if et.size == 0 or node.size == 0:
             return np.full(node.shape, -1, dtype=np.int64)
         if self._root_table is not None and not node.any():  # all at the root: first position
             table = self._root_table
@@ -303,6 +303,7 @@ class Trie:
         calls this at every step between model steps, which evict numpy's code and data from
         the caches: each numpy call costs ~3x what it costs alone, so it makes few of them.
         """
+        nodes = np.asarray(nodes, dtype=np.int64)
         lo = self.first_child[nodes]
         degree = self.first_child[nodes + 1] - lo
         row = np.repeat(np.arange(degree.size), degree)

@@ -182,6 +182,11 @@ def test_large_token_ids_and_array_input():
     trie = Trie(big, eos_token_id=70_000)
     assert trie.allowed_next([40_000]).tolist() == [7, 2**31 - 2]
     assert trie.allowed_next([2**31 - 2]).tolist() == [70_000]
+    # a batch with no rows (its root is searched, not a table): nothing to look up, no error
+    none = np.zeros(0, dtype=np.int64)
+    assert trie.advance(none, none).shape == (0,)
+    assert all(a.size == 0 for a in trie.live_edges(none))
+    assert trie.live_edges([0])[1].tolist() == [40_000, 2**31 - 2]  # a list of nodes works too
     with pytest.raises(ValueError):
         Trie([(2**31,)], eos_token_id=EOS)
     arr = np.array([[1, 2], [1, 4], [1, 2]])
