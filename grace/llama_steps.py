@@ -83,7 +83,8 @@ def _packing_pays(weights: list[torch.Tensor], rows: int = 10, rounds: int = 7) 
     per fused model.
 
     At a step's 10 rows the packed matmul took 20-30 % less time than ``F.linear`` on an AMD
-    EPYC and 10-20 % more on an Intel Xeon (Sapphire Rapids), so neither choice can be fixed.
+    EPYC and 13-44 % more on an Intel Xeon (Sapphire Rapids; a whole lite query 12 % more), so
+    neither choice can be fixed.
     Packing must win by 5 %, so that a near tie keeps MKL; both are float32 and rank alike."""
     packed = [_pack(w) for w in weights]
     xs = [torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights]
