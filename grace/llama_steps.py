@@ -117,7 +117,8 @@ class LlamaSteps:
     Keys live in the buffers with each head's rows in ``_pairs_side_by_side`` order.
     """
 
-    def __init__(self, text: LlamaModel, head: nn.Module) -> None:
+    def __init__(self, text: LlamaModel, head: nn.Module, packed: bool | None = None) -> None:
+        """``packed``: the matmul path (None: ``_packing_pays`` decides, on a prepacking CPU)."""
         cfg = text.config
         self._text = text
         self._sources = [text.embed_tokens.weight, head.weight, text.norm.weight]
@@ -149,9 +150,12 @@ class LlamaSteps:
                 ]
             )
         head_weight = head.weight * text.norm.weight
-        self.packed = _packed_matmuls(self.embed.weight) and _packing_pays(
-            [*layers[0], head_weight]
-        )
+        if not _packed_matmuls(self.embed.weight):
+            self.packed = False
+        elif packed is None:
+            self.packed = _packing_pays([*layers[0], head_weight])
+        else:
+            self.packed = packed
         pack = _pack if self.packed else lambda w: w
         self.layers = [
             (*(pack(w) for w in ws), layer.self_attn.scaling)
@@ -195,7 +199,8 @@ class LlamaSteps:
         )
         if not plain or sum(p.numel() for p in text.parameters()) > MAX_PARAMETERS:
             return None
-        model._grace_llama_steps = cls(text, head)
+        # a rebuild keeps the path the probe chose for this model: same numerics, no new probe
+        model._grace_llama_steps = cls(text, head, cached.packed if cached is not None else None)
         return model._grace_llama_steps
 
     def _reads(self, text: LlamaModel, head: nn.Module) -> bool:

@@ -298,3 +298,25 @@ def test_packing_probe_follows_the_faster_matmul(monkeypatch):
     monkeypatch.setattr(llama_steps, "_packed_linear", lambda x, w: None)
     monkeypatch.setattr(llama_steps.F, "linear", slow)
     assert llama_steps._packing_pays(weights)
+
+
+def test_rebuilt_fused_weights_keep_the_probed_matmul_path(llama, monkeypatch):
+    """Changed weights rebuild the fused copy on the path chosen before, without a new probe."""
+    from grace import llama_steps
+    from grace.llama_steps import LlamaSteps
+
+    calls = []
+    monkeypatch.setattr(llama_steps, "_packed_matmuls", lambda like: True)
+    monkeypatch.setattr(llama_steps, "_packing_pays", lambda weights: calls.append(1) or False)
+    llama._grace_llama_steps = None
+    try:
+        first = LlamaSteps.of(llama)
+        with torch.no_grad():
+            llama.lm_head.weight.mul_(2.0)
+        rebuilt = LlamaSteps.of(llama)
+        assert rebuilt is not first and rebuilt.packed is first.packed is False
+        assert len(calls) == 1
+    finally:
+        with torch.no_grad():
+            llama.lm_head.weight.div_(2.0)
+        llama._grace_llama_steps = None
