@@ -188,15 +188,28 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
             **kwargs,
         )
         hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1])
+            logits, loss = self._answer_loss(hidden, labels)
             if gold_image_features is not None and query is not None and cfg.alignment_weight:
                 loss = loss + cfg.alignment_weight * self.alignment_loss(query, gold_image_features)
+        else:
+            if isinstance(logits_to_keep, int) and logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            logits = self.lm_head(hidden)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    def _answer_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy, mean over the labelled tokens (transformers' causal LM loss),
+        with the head applied at those positions only: an answer is ~3 of a prompt's ~38 tokens,
+        and the head (one row per image with atomic or per-node ids) was most of a step's cost.
+        Returns the logits of the labelled positions, ``(n_labels, vocab)``."""
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self.lm_head(hidden[:, :-1][keep])
+        return logits, F.cross_entropy(logits.float(), targets[keep])
 
     def alignment_loss(
         self, query: torch.Tensor, gold_image_features: torch.Tensor

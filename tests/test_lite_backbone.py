@@ -158,6 +158,27 @@ def test_retrieve_batches_carry_their_images_for_the_alignment_loss(backbone, li
     assert torch.equal(batch["gold_image_features"], images.batch(gold)["image_features"])
 
 
+def test_loss_on_answer_positions_equals_the_causal_lm_loss_over_all_logits(backbone, lite_set):
+    root, records = lite_set
+    model, processor = backbone
+    index = IdentifierIndex.build(assign_identifiers(records, "numeric"), processor.tokenizer)
+    images, texts = ImageInputs(processor, records, root), TextInputs(processor)
+    examples = build_examples(
+        records, index, processor, images, TrainConfig().prompts, ("memorize", "retrieve"),
+        texts=texts,
+    )  # fmt: skip
+    for task in ("memorize", "retrieve"):
+        batch = collate([e for e in examples if e.task == task][:5], images,
+                        processor.tokenizer.pad_token_id, texts)  # fmt: skip
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            full = model(**batch).logits  # no labels: every position's logits
+            out = model(**batch, labels=labels)
+        expected = model.loss_function(logits=full, labels=labels, vocab_size=full.shape[-1])
+        assert out.logits.shape == (int((labels[:, 1:] != -100).sum()), full.shape[-1])
+        torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_save_and_load_round_trip(backbone, tmp_path):
     model, processor = backbone
     model.save_pretrained(tmp_path)
