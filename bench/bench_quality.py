@@ -218,10 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = parse_params(args.set, "--set")
     cfg = train_config(args.seconds, args.threads, overrides)
     params: dict[str, dict] = {}
-    for item in args.param:
-        key, value = item.split("=", 1)
+    for key, value in parse_params(args.param).items():
         scheme, name = key.split(".", 1)
-        params.setdefault(scheme, {})[name] = json.loads(value)
+        params.setdefault(scheme, {})[name] = value
 
     data = args.work / "data"
     records = synthesize(data, n=args.n, seed=args.set_seed)

@@ -219,7 +219,7 @@ def ids_assign(
     out: Annotated[Path, typer.Option(help="Identifier map to write (JSON).")],
     scheme: SchemeOpt = "numeric",
     param: Annotated[
-        list[str] | None, typer.Option(help="Scheme parameter KEY=VALUE (e.g. k=30, c=30).")
+        list[str] | None, typer.Option(help="Scheme parameter KEY=VALUE (e.g. c=30, tokens=level).")
     ] = None,
     embedder: EmbedderOpt = "dual-encoder",
     embedder_seconds: Annotated[

@@ -136,7 +136,51 @@ def test_structured_tree_respects_branching_and_leaf_size():
             assert int(lvl) == level and int(j) < 5
         leaves.setdefault(" ".join(path), []).append(int(pos))
     assert all(sorted(p) == list(range(len(p))) and len(p) <= 7 for p in leaves.values())
-    assert set(m.new_tokens()) == {t for (i,) in m.ids.values() for t in i.split()}
+    paths = [ident.split() for (ident,) in m.ids.values()]
+    nodes = {" ".join(p[: n + 1]) for p in paths for n in range(len(p))}
+    assert set(m.new_tokens()) == {"<" + n.replace(" ", ",") + ">" for n in nodes}
+
+
+def test_structured_tokens_per_node_or_per_level():
+    recs = make_records(60)
+    node = assign("structured", recs, k=3, c=4)
+    level = assign("structured", recs, k=3, c=4, tokens="level")
+    assert node.ids == level.ids  # the tokens differ, the identifiers do not
+    ident = node.ids[recs[5].key][0]
+    parts = ident.split()
+    assert level.token_text(ident) == ident
+    assert node.token_text(ident).split() == [
+        "<" + ",".join(parts[: n + 1]) + ">" for n in range(len(parts))
+    ]
+    # every image's last node token is its own, as an atomic id is
+    leaves = [node.token_text(i).split()[-1] for (i,) in node.ids.values()]
+    assert len(set(leaves)) == len(recs)
+    assert set(level.new_tokens()) == {t for (i,) in level.ids.values() for t in i.split()}
+
+
+def test_structured_map_from_before_the_tokens_parameter_keeps_level_tokens(tmp_path):
+    m = assign("structured", make_records(30), k=3, c=4, tokens="level")
+    del m.params["tokens"]
+    m.save(tmp_path / "ids.json")
+    old = IdentifierMap.load(tmp_path / "ids.json")
+    ident = old.ids[make_records(30)[0].key][0]
+    assert old.token_text(ident) == ident
+
+
+def test_structured_node_tokens_tokenize_one_token_per_node():
+    from grace.identifier_index import IdentifierIndex, default_tokenizer
+
+    recs = make_records(120)
+    m = assign("structured", recs, k=4, c=5)
+    index = IdentifierIndex.build(m, default_tokenizer(m, recs))
+    for n, ident in enumerate(index.identifiers):
+        assert len(index.sequences[n]) == len(ident.split())
+    assert len(index.trie) == len(recs)
+
+
+def test_structured_rejects_an_unknown_token_kind():
+    with pytest.raises(ValueError, match="tokens must be one of"):
+        assign("structured", make_records(10), tokens="words")
 
 
 def test_structured_extend_fills_leaf_then_opens_a_new_one():

@@ -61,10 +61,11 @@ class IdentifierMap:
         return {i: k for i, k in self.identifiers()}
 
     def token_text(self, identifier: str) -> str:
-        """The text a tokenizer sees for ``identifier`` (numeric ids: one digit per token)."""
+        """The text a tokenizer sees for ``identifier`` (numeric ids: one digit per token;
+        structured ids: a token per level or per tree node)."""
         from grace.identifiers.schemes import get_scheme
 
-        return get_scheme(self.scheme).token_text(identifier)
+        return get_scheme(self.scheme).token_text(self, identifier)
 
     def new_tokens(self) -> list[str]:
         """Whole-identifier tokens the tokenizer must gain (structured levels, atomic ids)."""

@@ -40,7 +40,7 @@ class Scheme(Protocol):
         """Identifiers for ``records`` (updating ``id_map.state``), none of them issued before."""
         ...
 
-    def token_text(self, identifier: str) -> str: ...
+    def token_text(self, id_map: IdentifierMap, identifier: str) -> str: ...
 
     def new_tokens(self, id_map: IdentifierMap) -> list[str]: ...
 
@@ -65,7 +65,7 @@ class NumberScheme:
         id_map.state["next"] = start + len(records)
         return {r.key: [str(int(n))] for r, n in zip(records, numbers, strict=True)}
 
-    def token_text(self, identifier: str) -> str:
+    def token_text(self, id_map, identifier: str) -> str:
         return " ".join(identifier) if self.digit_tokens else identifier
 
     def new_tokens(self, id_map) -> list[str]:
@@ -85,7 +85,7 @@ class AtomicScheme:
         id_map.state["next"] = start + len(records)
         return {r.key: [f"<img_{start + i}>"] for i, r in enumerate(records)}
 
-    def token_text(self, identifier: str) -> str:
+    def token_text(self, id_map, identifier: str) -> str:
         return identifier
 
     def new_tokens(self, id_map) -> list[str]:
@@ -141,7 +141,7 @@ class SemanticScheme:
         id_map.state["next_fallback"] = counter
         return out
 
-    def token_text(self, identifier: str) -> str:
+    def token_text(self, id_map, identifier: str) -> str:
         return identifier
 
     def new_tokens(self, id_map) -> list[str]:

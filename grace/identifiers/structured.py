@@ -1,8 +1,19 @@
 """Structured identifiers: the path to an image in a hierarchical k-means tree of its embedding.
 
-As in the paper: branching ``k`` (30), leaves of at most ``c`` (30) images, and level-prefixed
-tokens, the last one being the position inside the leaf: ``0_12 1_3 2_27``. Images close in
-embedding space share prefixes, so an identifier carries information a query can predict.
+As in the paper: branching ``k``, leaves of at most ``c`` images, and level-prefixed parts, the
+last one being the position inside the leaf: ``0_12 1_3 2_27``. Images close in embedding space
+share prefixes, so an identifier carries information a query can predict. The paper's k=30,
+c=30 split every node of 31-60 images into up to 30 leaves of one or two, a level of nodes
+that each see almost no training; the default c=100 keeps 1000 images at two levels.
+
+How the parts become tokens is the ``tokens`` parameter. ``level`` (the paper's, and what a map
+without the parameter uses) makes each part a token shared by every node of its level, so the
+last token, a position whose meaning is arbitrary per leaf, has to be stored in the decoder's
+weights as a random code: a 300 s run memorized 6 % of 1000 images, against 96 % per node
+(BENCHMARKS.md). ``node`` (the default for new maps) gives every tree node a token of its own,
+``<0_12> <0_12,1_3> <0_12,1_3,2_27>``: a prefix-aware output layer in the spirit of NCI's PAWA
+decoder, where each step chooses among one node's children and the leaf token is an output row
+of its image, as an atomic id is. The identifier strings are the same either way.
 
 The tree (centroids included) is kept in the map's state, so new images descend it to the nearest
 leaf and take its next free position; a full leaf makes the parent open a new leaf centred on
@@ -37,7 +48,7 @@ class StructuredScheme:
     name = "structured"
 
     def default_params(self) -> dict[str, Any]:
-        return {"k": 30, "c": 30, "seed": 0}
+        return {"k": 30, "c": 100, "seed": 0, "tokens": "node"}
 
     def issue(self, id_map, records, *, embedder=None, captioner=None, root=None):
         if not records:
@@ -53,6 +64,7 @@ class StructuredScheme:
         k, c, seed = (int(id_map.params[p]) for p in ("k", "c", "seed"))
         if k < 2 or c < 1:
             raise ValueError(f"structured ids need k >= 2 and c >= 1, got k={k} c={c}")
+        _token_kind(id_map)
         tree = id_map.state.get("tree")
         if tree is None:
             paths: dict[int, list[str]] = {}
@@ -60,12 +72,35 @@ class StructuredScheme:
             return {r.key: [" ".join(paths[i])] for i, r in enumerate(records)}
         return {r.key: [" ".join(_place(tree, e, c))] for r, e in zip(records, emb, strict=True)}
 
-    def token_text(self, identifier: str) -> str:
-        return identifier
+    def token_text(self, id_map, identifier: str) -> str:
+        if _token_kind(id_map) == "level":
+            return identifier
+        return " ".join(node_tokens(identifier))
 
     def new_tokens(self, id_map) -> list[str]:
         issued = sorted(id_map.issued())
-        return list(dict.fromkeys(t for i in issued for t in i.split()))
+        split = str.split if _token_kind(id_map) == "level" else node_tokens
+        return list(dict.fromkeys(t for i in issued for t in split(i)))
+
+
+TOKEN_KINDS = ("level", "node")
+
+
+def _token_kind(id_map) -> str:
+    kind = id_map.params.get("tokens", "level")  # maps from before the parameter: level tokens
+    if kind not in TOKEN_KINDS:
+        raise ValueError(f"structured ids: tokens must be one of {TOKEN_KINDS}, got {kind!r}")
+    return kind
+
+
+def node_tokens(identifier: str) -> list[str]:
+    """One token per tree node on the path: ``0_12 1_3`` -> ``<0_12>``, ``<0_12,1_3>``.
+
+    Every token ends with ``>``, which no part contains, so no token is a prefix of another and
+    a tokenizer's added-token matching cannot split one into two.
+    """
+    parts = identifier.split()
+    return ["<" + ",".join(parts[: n + 1]) + ">" for n in range(len(parts))]
 
 
 def _build(
