@@ -39,6 +39,7 @@ from grace.configuration_grace import LiteBackboneConfig
 from grace.frozen_encoders import IMAGE_FEATURE_DIM, SENTENCE_FEATURE_DIM
 from grace.modeling_backbone import llama_text_config, seeded_model
 from grace.processing_grace_lite import IMAGE_TOKEN, SENTENCE_TOKEN, GraceLiteProcessor
+from grace.task_examples import IGNORE_INDEX
 from grace.tokenization import train_tokenizer
 
 MODEL_TYPE = "grace_lite"
@@ -207,7 +208,7 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
         and the head (one row per image with atomic or per-node ids) was most of a step's cost.
         Returns the logits of the labelled positions, ``(n_labels, vocab)``."""
         targets = labels[:, 1:]
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         logits = self.lm_head(hidden[:, :-1][keep])
         return logits, F.cross_entropy(logits.float(), targets[keep])
 
