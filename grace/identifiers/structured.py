@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ class StructuredScheme:
         k, c, seed = (int(id_map.params[p]) for p in ("k", "c", "seed"))
         if k < 2 or c < 1:
             raise ValueError(f"structured ids need k >= 2 and c >= 1, got k={k} c={c}")
-        _token_kind(id_map)
+        _tokens_of(id_map)  # refuse an unknown token rule before the k-means
         tree = id_map.state.get("tree")
         if tree is None:
             paths: dict[int, list[str]] = {}
@@ -73,24 +74,20 @@ class StructuredScheme:
         return {r.key: [" ".join(_place(tree, e, c))] for r, e in zip(records, emb, strict=True)}
 
     def token_text(self, id_map, identifier: str) -> str:
-        if _token_kind(id_map) == "level":
-            return identifier
-        return " ".join(node_tokens(identifier))
+        return " ".join(_tokens_of(id_map)(identifier))
 
     def new_tokens(self, id_map) -> list[str]:
-        issued = sorted(id_map.issued())
-        split = str.split if _token_kind(id_map) == "level" else node_tokens
-        return list(dict.fromkeys(t for i in issued for t in split(i)))
+        split = _tokens_of(id_map)
+        return list(dict.fromkeys(t for i in sorted(id_map.issued()) for t in split(i)))
 
 
-TOKEN_KINDS = ("level", "node")
-
-
-def _token_kind(id_map) -> str:
+def _tokens_of(id_map) -> Callable[[str], list[str]]:
+    """Identifier -> tokens for this map: ``str.split`` per level, ``node_tokens`` per node."""
     kind = id_map.params.get("tokens", "level")  # maps from before the parameter: level tokens
-    if kind not in TOKEN_KINDS:
-        raise ValueError(f"structured ids: tokens must be one of {TOKEN_KINDS}, got {kind!r}")
-    return kind
+    rules = {"level": str.split, "node": node_tokens}
+    if kind not in rules:
+        raise ValueError(f"structured ids: tokens must be one of {tuple(rules)}, got {kind!r}")
+    return rules[kind]
 
 
 def node_tokens(identifier: str) -> list[str]:
