@@ -27,7 +27,7 @@ from grace.identifiers import IdentifierMap
 from grace.imageset import read_manifest, write_manifest
 from grace.modeling_backbone import load_backbone, tokenizer_of
 from grace.records import ImageRecord
-from grace.task_examples import user_turn
+from grace.task_examples import retrieve_turn, user_turn
 
 FORMAT_VERSION = 1
 GRACE_FILE = "grace.json"
@@ -157,10 +157,7 @@ class GraceModel:
         results: list[list[Hit]] = []
         for i in range(0, len(queries), batch_size):
             chunk = queries[i : i + batch_size]
-            prompts = [
-                user_turn(self.processor, self.prompts.retrieve.format(query=q), False)
-                for q in chunk
-            ]
+            prompts = [retrieve_turn(self.processor, self.prompts, q) for q in chunk]
             results += self._constrained(self._text_inputs(prompts), k, num_beams)
         return results
 

@@ -252,7 +252,11 @@ def build_lite_backbone(
     tok = train_tokenizer(texts, vocab_size=cfg.vocab_size, extra_special_tokens=(SENTENCE_TOKEN,))
     tok.chat_template = LITE_CHAT_TEMPLATE
     processor = GraceLiteProcessor(
-        tok, image_size=cfg.image_size, image_grid=cfg.image_grid, text_encoder=cfg.text_encoder
+        tok,
+        image_size=cfg.image_size,
+        image_grid=cfg.image_grid,
+        text_encoder=cfg.text_encoder,
+        query_words=cfg.query_words,
     )
     config = GraceLiteConfig(
         text_config=llama_text_config(

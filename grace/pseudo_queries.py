@@ -25,7 +25,7 @@ import torch
 from grace.configuration_grace import PSEUDO_QUERY_SOURCES, Prompts
 from grace.errors import GraceError
 from grace.records import ImageRecord
-from grace.task_examples import ImageInputs, TextInputs, user_turn
+from grace.task_examples import ImageInputs, TextInputs, retrieve_turn
 
 
 def aligns(model: torch.nn.Module) -> bool:
@@ -68,7 +68,7 @@ def nearest_captions(
     captions = list(dict.fromkeys(c for r in live if r.split == "train" for c in r.captions))
     if not captions or not needy:
         return {}
-    asked = [user_turn(processor, prompts.retrieve.format(query=c), False) for c in captions]
+    asked = [retrieve_turn(processor, prompts, c) for c in captions]
     texts.encode(asked)
     queries = model.align_queries(**texts.batch([texts[p] for p in asked]))
     position = {r.key: i for i, r in enumerate(images.records)}

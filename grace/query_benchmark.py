@@ -38,7 +38,7 @@ from grace.modeling_backbone import build_tiny_backbone
 from grace.modeling_dual_encoder import DualEncoder, build_vocab
 from grace.modeling_grace_lite import build_lite_backbone
 from grace.synth import synthesize
-from grace.task_examples import user_turn
+from grace.task_examples import retrieve_turn
 from grace.trie import Trie
 
 K = 10  # images returned per query, both sides
@@ -135,7 +135,7 @@ def build_setup(cfg: QueryBenchConfig) -> Setup:
         raise ValueError(f"backbone {cfg.backbone!r}: expected one of {BACKBONES}")
     queries = [r.captions[0] for r in records][: cfg.queries]
     asks = [Prompts().retrieve.format(query=q) for q in queries]
-    prompts = [user_turn(processor, a, with_image=False) for a in asks]
+    prompts = [retrieve_turn(processor, Prompts(), q) for q in queries]
     dual = DualEncoder(DualEncoderConfig(), build_vocab(texts)).eval()
     sentences = asks if cfg.backbone == "lite" else None  # the prompt's words, as it encodes
     return Setup(model.eval(), processor, queries, prompts, dual, sentences)

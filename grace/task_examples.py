@@ -52,6 +52,16 @@ def user_turn(processor: ProcessorMixin, text: str, with_image: bool) -> str:
     )
 
 
+def retrieve_turn(processor: ProcessorMixin, prompts: Prompts, query: str) -> str:
+    """The prompt of a text query, the same in training and at retrieval: a user turn, or for a
+    processor with ``query_words`` off (the lite backbone's default) a prompt whose words reach
+    the model only through the processor's sentence feature."""
+    text = prompts.retrieve.format(query=query)
+    if getattr(processor, "query_words", True):
+        return user_turn(processor, text, with_image=False)
+    return processor.feature_query(text)
+
+
 class ImageInputs:
     """Each image's processor tensors (pixel values and friends), computed once per run.
 
@@ -162,7 +172,7 @@ def build_examples(
 
     def retrieve_prompts(r: ImageRecord, captions: list[str]) -> list[str]:
         queries = captions + list((pseudo_queries or {}).get(r.key, []))
-        return [user_turn(processor, prompts.retrieve.format(query=q), False) for q in queries]
+        return [retrieve_turn(processor, prompts, q) for q in queries]
 
     def describe_prompt(identifier: str) -> str:
         return user_turn(processor, prompts.describe.format(identifier=identifier), False)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from grace.beam_search import generate_beam_search, trie_beam_search
-from grace.configuration_grace import LiteBackboneConfig, TrainConfig
+from grace.configuration_grace import LiteBackboneConfig, Prompts, TrainConfig
 from grace.identifier_index import IdentifierIndex
 from grace.identifiers import assign_identifiers
 from grace.modeling_backbone import load_backbone
@@ -18,7 +18,14 @@ from grace.modeling_grace import GraceModel
 from grace.modeling_grace_lite import GraceLiteForConditionalGeneration, build_lite_backbone
 from grace.processing_grace_lite import IMAGE_TOKEN, SENTENCE_TOKEN, GraceLiteProcessor
 from grace.synth import synthesize
-from grace.task_examples import ImageInputs, TextInputs, build_examples, collate, user_turn
+from grace.task_examples import (
+    ImageInputs,
+    TextInputs,
+    build_examples,
+    collate,
+    retrieve_turn,
+    user_turn,
+)
 from grace.training_grace import train
 
 SMALL_LITE = LiteBackboneConfig(hidden=64, layers=1, heads=2, vocab_size=400)
@@ -75,6 +82,44 @@ def test_processor_gives_frozen_features_and_checks_placeholders(backbone, lite_
         processor(text=[prompt], images=[[pics[0], pics[1]]])
     with pytest.raises(ValueError, match="not both"):
         processor(text=[prompt, "a red disc"], images=[[pics[0]]], padding=True)
+
+
+@pytest.mark.parametrize("query_words", [False, True])
+def test_query_words_decide_whether_the_decoder_reads_a_query_as_tokens(
+    lite_set, query_words, tmp_path
+):
+    """Off (the default) a query is one placeholder token carrying its sentence feature; on, its
+    words come first as tokens. The feature is the same either way, and the setting is saved."""
+    _, records = lite_set
+    texts = [c for r in records for c in r.captions] + ["Which image shows:"]
+    cfg = LiteBackboneConfig(**{**SMALL_LITE.__dict__, "query_words": query_words})
+    _, processor = build_lite_backbone(texts, cfg, seed=0)
+    query = records[0].captions[0]
+    enc = processor(text=[retrieve_turn(processor, Prompts(), query)])
+    ids = enc["input_ids"][0].tolist()
+    sentence = processor.tokenizer.convert_tokens_to_ids(SENTENCE_TOKEN)
+    assert ids[-1] == sentence
+    assert (len(ids) == 1) is not query_words
+    reference = processor.sentence_features([Prompts().retrieve.format(query=query)])
+    assert torch.equal(enc["sentence_features"], reference)
+    processor.save_pretrained(tmp_path)
+    assert GraceLiteProcessor.from_pretrained(tmp_path).query_words is query_words
+
+
+def test_processors_saved_before_query_words_keep_reading_words(backbone, tmp_path):
+    """A checkpoint's processor JSON without the setting was trained on word prompts."""
+    import json
+
+    from grace.processing_grace_lite import PROCESSOR_FILE
+
+    _, processor = backbone
+    processor.save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / PROCESSOR_FILE).read_text())
+    del settings["query_words"]
+    (tmp_path / PROCESSOR_FILE).write_text(json.dumps(settings))
+    old = GraceLiteProcessor.from_pretrained(tmp_path)
+    assert old.query_words is True
+    assert len(old(text=[retrieve_turn(old, Prompts(), "a red disc")])["input_ids"][0]) > 1
 
 
 def test_forward_rejects_features_that_do_not_fit_the_placeholders(backbone, lite_set):
