@@ -45,9 +45,14 @@ TARGET_MEMORIZATION = 0.99
 
 
 def train_config(seconds: float, threads: int, overrides: dict) -> TrainConfig:
-    """The defaults, then ``--set`` (``lite.KEY`` sets a backbone field), then the budget."""
+    """The defaults, then ``--set`` (``lite.KEY`` sets a backbone field), then the budget.
+
+    The budget is the wall clock: the default epoch count (40) would end a run early once
+    training is fast enough (the lite backbone made 40 epochs in 256 s), so epochs are
+    unbounded unless ``--set epochs=N`` says otherwise, and the schedule anneals by time."""
     budget = {"max_seconds": seconds, "num_threads": threads, "checkpoint_every": 0}
-    return TrainConfig.from_dict({**TrainConfig().to_dict(), **overrides, **budget})
+    unbounded = {"epochs": 10_000}
+    return TrainConfig.from_dict({**TrainConfig().to_dict(), **unbounded, **overrides, **budget})
 
 
 def two_steps(records, data, id_map, out: Path, cfg: TrainConfig, share: float, callback):
