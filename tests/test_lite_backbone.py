@@ -3,6 +3,7 @@ decoder in the model, trained and searched through the same code as any HF backb
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,7 @@ def test_query_words_decide_whether_the_decoder_reads_a_query_as_tokens(
     words come first as tokens. The feature is the same either way, and the setting is saved."""
     _, records = lite_set
     texts = [c for r in records for c in r.captions] + ["Which image shows:"]
-    cfg = LiteBackboneConfig(**{**SMALL_LITE.__dict__, "query_words": query_words})
+    cfg = dataclasses.replace(SMALL_LITE, query_words=query_words)
     _, processor = build_lite_backbone(texts, cfg, seed=0)
     query = records[0].captions[0]
     enc = processor(text=[retrieve_turn(processor, Prompts(), query)])
