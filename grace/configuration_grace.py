@@ -54,6 +54,9 @@ class LiteBackboneConfig:
     heads: int = 4
     vocab_size: int = 2000
     alignment_weight: float = 1.0  # query-image InfoNCE beside learning to retrieve
+    # retrieve examples also learn the alignment's ranking of every image as soft id targets
+    # (grace.alignment_distillation; numeric ids gained most: BENCHMARKS.md); 0: off
+    distill_weight: float = 0.3
     text_encoder: str = "all-MiniLM-L6-v2"  # the packaged MiniLM, or a sentence encoder's path
     # the decoder also reads a query's words as tokens (off: only its MiniLM feature, a one-token
     # prompt; 3.5x the training samples/s, and structured ids memorized in 300 s: BENCHMARKS.md)
@@ -99,6 +102,10 @@ class TrainConfig:
     # (late enough for the alignment or the captions to be good)
     pseudo_query_at: float = 0.7
     pseudo_queries_per_image: int = 10  # nearest captions per image ("caption" makes one)
+    # alignment distillation (lite backbones with distill_weight): a retrieve batch's teacher
+    # ranks its own images plus a random sample of the rest, this many in all, so a step's cost
+    # stays bounded as the catalog grows (the demo set's 1000 images fit whole)
+    distill_gallery_size: int = 4096
     # task mix per epoch
     memorize_repeats: int = 1  # each image's memorize example appears this many times
     side_task_captions: int | None = None  # captions per image for describe/caption (None: all)
@@ -143,6 +150,8 @@ class TrainConfig:
             raise ValueError(f"pseudo_query_at must be in (0, 1), got {self.pseudo_query_at}")
         if self.pseudo_queries_per_image < 1:
             raise ValueError("pseudo_queries_per_image must be >= 1")
+        if self.distill_gallery_size < 1:
+            raise ValueError("distill_gallery_size must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

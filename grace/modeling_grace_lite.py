@@ -10,6 +10,8 @@ Learning to retrieve gets one more loss when a retrieve batch carries its images
 features (``gold_image_features``): InfoNCE between the projected query and the projected image.
 It pulls a query next to its image in the decoder's input space, so queries about images that
 were only ever memorized from pixels (held-out images, images without text) lead to their ids.
+When the batch also carries the run's whole gallery (``id_gallery_*``), the answer tokens learn
+that alignment's ranking of every image as soft targets (:mod:`grace.alignment_distillation`).
 
 The text model is a plain ``LlamaModel`` at ``model.text_model`` with the head at ``lm_head``
 (Idefics3's layout), so :mod:`grace.llama_steps` runs its beam steps and generation,
@@ -35,6 +37,7 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from grace.alignment_distillation import distillation_loss
 from grace.configuration_grace import LiteBackboneConfig
 from grace.frozen_encoders import IMAGE_FEATURE_DIM, SENTENCE_FEATURE_DIM
 from grace.modeling_backbone import llama_text_config, seeded_model
@@ -72,6 +75,9 @@ class GraceLiteConfig(PreTrainedConfig):
     sentence_token_id: int = 0
     alignment_weight: float = 1.0
     alignment_temperature: float = 0.05
+    # soft id targets from the alignment's ranking (grace.alignment_distillation); 0: off, as
+    # in models saved before it existed
+    distill_weight: float = 0.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 
@@ -171,6 +177,8 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
         image_features: torch.Tensor | None = None,
         sentence_features: torch.Tensor | None = None,
         gold_image_features: torch.Tensor | None = None,
+        id_gallery_features: torch.Tensor | None = None,
+        id_gallery_sequences: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -194,6 +202,11 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
             logits, loss = self._answer_loss(hidden, labels)
             if gold_image_features is not None and query is not None and cfg.alignment_weight:
                 loss = loss + cfg.alignment_weight * self.alignment_loss(query, gold_image_features)
+            if id_gallery_features is not None and query is not None and cfg.distill_weight:
+                probs = self.gallery_probs(query, id_gallery_features)
+                loss = loss + cfg.distill_weight * distillation_loss(
+                    logits, labels, probs, id_gallery_sequences
+                )
         else:
             if isinstance(logits_to_keep, int) and logits_to_keep:
                 hidden = hidden[:, -logits_to_keep:]
@@ -224,6 +237,13 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
         logits = q @ img.T / self.config.alignment_temperature
         target = same / same.sum(1, keepdim=True)
         return -(target * logits.log_softmax(1)).sum(1).mean()
+
+    @torch.no_grad()
+    def gallery_probs(self, query: torch.Tensor, gallery_features: torch.Tensor) -> torch.Tensor:
+        """``(queries, images)``: the alignment's softmax over the gallery for each projected
+        query, at the InfoNCE's temperature; detached (the teacher of the distillation)."""
+        scores = _unit_mean(query) @ self.align_images(gallery_features).T
+        return (scores / self.config.alignment_temperature).softmax(-1)
 
     def align_queries(self, sentence_features: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
         """``(n, d)`` unit vectors of text-only prompts in the space the alignment loss trains,
@@ -265,6 +285,7 @@ def build_lite_backbone(
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         sentence_token_id=tok.convert_tokens_to_ids(SENTENCE_TOKEN),
         alignment_weight=cfg.alignment_weight,
+        distill_weight=cfg.distill_weight,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,

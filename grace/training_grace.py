@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from grace.alignment_distillation import IdGallery
 from grace.atomic_io import atomic_dir, replace_dir, write_json
 from grace.configuration_grace import LITE_BACKBONE, TINY_BACKBONE, TrainConfig
 from grace.deepspeed_engine import make_engine
@@ -132,6 +133,9 @@ def train(
             bf16=cfg.bf16,
             micro_batch_size=math.ceil(cfg.batch_size / world),
         )
+        gallery = None  # the distillation's teacher ranks these (retrieve batches only)
+        if "retrieve" in tasks and mix["align"] and getattr(model.config, "distill_weight", 0):
+            gallery = IdGallery.build(images, index).to(engine.device)
         fixed = None
         if negatives:  # the frozen model's answers to the old images, once
             fixed = _cached_negatives(engine, negatives, index, processor, root, cfg, tasks, texts)
@@ -173,6 +177,10 @@ def train(
                 mine = shard(batch_examples, rank, world)  # data parallel: this rank's share
                 batch = collate(mine, images, tok.pad_token_id, texts)
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
+                if gallery is not None and batch_examples[0].task == "retrieve":
+                    sample = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+                    gold = [ex.gold for ex in mine if ex.gold is not None]
+                    batch.update(gallery.inputs(gold, cfg.distill_gallery_size, sample))
                 with engine.autocast():
                     loss = engine.model(**batch).loss
                     if fixed is not None:

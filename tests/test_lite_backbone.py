@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from grace.alignment_distillation import IdGallery, distillation_loss
 from grace.beam_search import generate_beam_search, trie_beam_search
 from grace.configuration_grace import LiteBackboneConfig, Prompts, TrainConfig
 from grace.identifier_index import IdentifierIndex
@@ -274,3 +275,25 @@ def test_train_memorizes_and_retrieves_with_the_lite_backbone(lite_set, tmp_path
     assert ours.sequences.tolist() == ref.sequences[:, :, : ours.sequences.shape[2]].tolist()
     assert torch.allclose(ours.scores, ref.scores, atol=1e-4)
     assert gm.info["steps"] > 0
+
+
+def test_retrieve_batches_with_the_gallery_add_the_weighted_distillation_loss(backbone, lite_set):
+    root, records = lite_set
+    model, processor = backbone
+    assert model.config.distill_weight == SMALL_LITE.distill_weight > 0
+    index = IdentifierIndex.build(assign_identifiers(records, "numeric"), processor.tokenizer)
+    images, texts = ImageInputs(processor, records, root), TextInputs(processor)
+    examples = build_examples(
+        records, index, processor, images, TrainConfig().prompts, ("retrieve",), texts=texts
+    )
+    batch = collate(examples[:4], images, processor.tokenizer.pad_token_id, texts)
+    gallery = IdGallery.build(images, index)
+    assert gallery.sequences.shape[0] == len(records)
+    out = model(**batch, **gallery.inputs())
+    plain = model(**batch)
+    query = model.model.sentence_projector(batch["sentence_features"])
+    probs = model.gallery_probs(query, gallery.features["image_features"])
+    torch.testing.assert_close(probs.sum(1), torch.ones(4))
+    extra = distillation_loss(out.logits, batch["labels"], probs, gallery.sequences)
+    torch.testing.assert_close(out.loss, plain.loss + model.config.distill_weight * extra)
+    assert extra > 0
