@@ -8,7 +8,7 @@ function. Here a retrieve example also learns, at each identifier token, the ali
 probability mass over the gallery's images grouped by that token (given the gold prefix, as
 teacher forcing feeds it): a smooth target, so queries between the trained ones land on the
 identifiers of the images the alignment puts near them. On the demo set it raised numeric ids'
-held-out R@10 and kept their memorization from collapsing (BENCHMARKS.md, runs 40-42).
+held-out R@10 and kept their memorization from collapsing (BENCHMARKS.md, runs 40-44).
 
 The teacher is the model's own alignment, detached: no second model, nothing at inference.
 """

@@ -251,6 +251,7 @@ def test_train_memorizes_and_retrieves_with_the_lite_backbone(lite_set, tmp_path
         lr=3e-3,
         warmup_steps=5,
         caption_task=False,
+        distill_gallery_size=4,  # of 10 images: the sampled teacher trains too
         checkpoint_every=0,
         num_threads=1,
     )
