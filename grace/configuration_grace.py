@@ -112,8 +112,8 @@ class TrainConfig:
     # optimisation
     epochs: int = 40
     batch_size: int = 64
-    # both backbones': at 3e-3 the lite decoder memorized numeric ids only once the cosine had
-    # annealed (0.795 in 300 s against 0.997 at 1e-3; BENCHMARKS.md, runs 46-49)
+    # what both built-in backbones want: at 3e-3 the lite decoder memorized numeric ids only
+    # once the cosine had annealed (0.795 in 300 s against 0.997 at 1e-3; BENCHMARKS.md, runs 46-49)
     lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.1
