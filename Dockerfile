@@ -28,7 +28,7 @@ COPY grace ./grace
 COPY components ./components
 COPY pipelines ./pipelines
 COPY configs ./configs
-RUN pip install --no-cache-dir . && mkdir -p /opt/grace/torch_extensions
+RUN pip install --no-cache-dir '.[pipelines,deepspeed]' && mkdir -p /opt/grace/torch_extensions
 RUN useradd --create-home --uid 1000 grace && chown -R grace /opt/grace/torch_extensions
 USER grace
 ENTRYPOINT ["grace"]

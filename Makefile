@@ -32,15 +32,18 @@ system-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	  else echo "warning: chromium missing (sudo apt-get install chromium); the MLflow UI test needs it"; fi; }
 
-test: install system-deps
-	$(VENV)/bin/ruff check grace components pipelines tests bench
+test: lint system-deps
 	$(PY) -m pytest -q
 
 bench: install
 	$(PY) bench/bench_trie.py --write BENCHMARKS.md
 
+# ruff (style, docstrings) and the import contract (pyproject.toml [tool.importlinter]): a
+# circle or an upward import between the layers fails here.
 lint: install
 	$(VENV)/bin/ruff check grace components pipelines tests bench
+	$(VENV)/bin/ruff format --check grace components pipelines tests bench
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .cache

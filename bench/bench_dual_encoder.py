@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grace.configuration_dual_encoder import DualEncoderConfig
-from grace.embedding import dense_rank
-from grace.records import ImageRecord
-from grace.training_dual_encoder import train_dual_encoder
+from grace.data.records import ImageRecord
+from grace.models.dual_encoder.configuration import DualEncoderConfig
+from grace.models.dual_encoder.training import train_dual_encoder
+from grace.models.embedders import dense_rank
 
 KS = (1, 5, 10)
 
@@ -43,7 +43,7 @@ def recall_at_k(
 
 
 def load_set(data: Path, n: int, seed: int) -> list[ImageRecord]:
-    from grace.synth import synthesize
+    from grace.data.synth import synthesize
 
     return synthesize(data, n=n, seed=seed)
 

@@ -1,6 +1,6 @@
 """Incremental re-memorization against a full retrain, and forgetting over successive increments.
 
-A base model is trained from scratch on ``--n`` demo images (``grace.synth``, ``--backbone``,
+A base model is trained from scratch on ``--n`` demo images (``grace.data.synth``, ``--backbone``,
 ``--scheme`` ids, memorize + retrieve in one run). Then 10 % new images arrive:
 
 * full retrain: from scratch on the whole set, the base's settings;
@@ -38,19 +38,20 @@ import torch
 import transformers
 from benchmarks_md import cpus, write_section  # bench/ is on sys.path
 
-from grace.configuration_grace import TinyBackboneConfig, TrainConfig
-from grace.evaluation import evaluate
+from grace.data.synth import synthesize
+from grace.evaluation.incremental import evaluate_old_new
+from grace.evaluation.metrics import evaluate
 from grace.identifiers import assign_identifiers
-from grace.incremental import (
+from grace.models.tiny import TinyBackboneConfig
+from grace.retrieval.retriever import GraceRetriever
+from grace.training import train
+from grace.training.config import TrainConfig
+from grace.training.incremental import (
     ReplayConfig,
     continue_training,
-    evaluate_old_new,
     plan_update,
     update_identifiers,
 )
-from grace.modeling_grace import GraceModel
-from grace.synth import synthesize
-from grace.training_grace import train
 
 # Half the default tiny backbone (as tests/conftest.py): on 2 shared CPU cores the default one
 # does not memorize 100+ images from scratch within a benchmark's budget.
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             train, sets[0], root, base_ids, work / "base", full_cfg, progress=False
         )
         base_dir = work / "base" / "model"
-        original = GraceModel.load(base_dir)
+        original = GraceRetriever.load(base_dir)
         log(f"base on {args.n}: {base_wall:.0f} s")
         rows = []
         # the original base on its own images, scored once: what every "Δ orig" compares with
@@ -237,7 +238,7 @@ def _variant_name(
 
 def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
     lines = [
-        "## Incremental re-memorization (`grace/incremental.py`)",
+        "## Incremental re-memorization (`grace/training/incremental.py`)",
         "",
         f"Command: `{command}`",
         "",
@@ -246,7 +247,7 @@ def report(rows, command: str, args, base_wall: float, base_cpu: float) -> str:
         f"{transformers.__version__}, 1 torch thread; load average "
         f"{os.getloadavg()[0]:.2f} when it finished (2 cores shared with other jobs).",
         "",
-        f"Demo set (`grace.synth`, seed 0), base of {args.n} images trained from scratch "
+        f"Demo set (`grace.data.synth`, seed 0), base of {args.n} images trained from scratch "
         f"({args.epochs} epochs, lr {args.lr:g}, warm-up {args.warmup}, "
         f"backbone `{args.backbone}`{' (half-size)' if args.small else ''}, `{args.scheme}` ids, "
         f"batch {args.batch}, memorize + "

@@ -1,7 +1,7 @@
 """Quality of GRACE on the demo set under a fixed wall-clock budget, beside the dual encoder.
 
 For each identifier scheme: assign ids, train GRACE for ``--seconds`` (``TrainConfig.max_seconds``),
-then evaluate with :func:`grace.evaluation.evaluate` (memorization of every image, held-out
+then evaluate with :func:`grace.evaluation.metrics.evaluate` (memorization of every image, held-out
 R@1/5/10 over the gallery of all images; queries are the captions of test-split images, which
 GRACE only ever saw as pixels). The dual encoder baseline is trained once for the same budget
 and scored in the same harness; structured ids are clustered on its image embeddings. Example
@@ -31,14 +31,14 @@ import torch
 import transformers
 from benchmarks_md import cpus, write_section  # bench/ is on sys.path
 
-from grace.cli_support import parse_params
-from grace.configuration_dual_encoder import DualEncoderConfig
-from grace.configuration_grace import TrainConfig
-from grace.embedding import make_embedder
-from grace.evaluation import evaluate
+from grace.cli._errors import parse_params
+from grace.data.synth import synthesize
+from grace.evaluation.metrics import evaluate
 from grace.identifiers import assign_identifiers
-from grace.synth import synthesize
-from grace.training_grace import train
+from grace.models.dual_encoder.configuration import DualEncoderConfig
+from grace.models.embedders import make_embedder
+from grace.training import train
+from grace.training.config import TrainConfig
 
 SCHEMES = ("numeric", "structured", "atomic")
 TARGET_MEMORIZATION = 0.99
@@ -134,7 +134,7 @@ def report(rows: list[dict], dense: dict, args, command: str, cfg: TrainConfig) 
         f"({args.threads} threads), transformers {transformers.__version__}; load average "
         f"{statistics.median(loads):.2f} (median at the end of each run; shared machine).",
         "",
-        f"Set: `grace.synth.synthesize(n={args.n}, seed={args.set_seed})`, "
+        f"Set: `grace.data.synth.synthesize(n={args.n}, seed={args.set_seed})`, "
         f"{int(rows[0]['images'])} images, {int(rows[0]['queries'])} held-out queries (captions "
         "of test-split images, gallery: all images). GRACE backbone: "
         f"`{cfg.backbone}` ({rows[0]['params_m']:.1f}M parameters); every run gets "

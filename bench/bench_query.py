@@ -1,10 +1,12 @@
 """Query latency against catalog size: GRACE's trie beam search against dense retrieval.
 
-Times, per query, the trie beam search (``grace/beam_search.py``), transformers' ``generate`` with
-the trie processor (what GRACE used before), the same search without the trie, and dense brute
-force (torch, and a FAISS flat index when ``faiss`` imports) at 1K..1M images, for each backbone
+Times, per query, the trie beam search (``grace/retrieval/beam_search.py``), transformers'
+``generate`` with the trie processor (what GRACE used before), the same search without the
+trie, and dense brute force (torch, and a FAISS flat index when ``faiss`` imports) at 1K..1M
+images, for each backbone
 (``tiny`` Idefics3; ``lite``, the product's default, whose MiniLM query encoding is timed too)
-and thread count; see ``grace/query_benchmark.py`` for the method. What BENCHMARKS.md reports:
+and thread count; see ``grace/evaluation/query_latency.py`` for the method. What BENCHMARKS.md
+reports:
 
     python bench/bench_query.py --threads 1 --write BENCHMARKS.md --plot bench/query_latency.png \
         --json bench/query_latency.json
@@ -27,12 +29,8 @@ import transformers
 from benchmarks_md import cpus, write_section  # bench/ is on sys.path
 
 from grace.atomic_io import write_text
-from grace.query_benchmark import (
-    QueryBenchConfig,
-    markdown_report,
-    plot_latency,
-    run_query_benchmark,
-)
+from grace.evaluation.latency_report import markdown_report, plot_latency
+from grace.evaluation.query_latency import QueryBenchConfig, run_query_benchmark
 
 
 def machine_line() -> str:
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
     text = "\n".join(
         [
-            "## Query latency against catalog size (`grace/beam_search.py`)",
+            "## Query latency against catalog size (`grace/retrieval/beam_search.py`)",
             "",
             f"Command: `{command}`",
             "",

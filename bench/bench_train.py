@@ -1,7 +1,7 @@
 """Training throughput of GRACE's memorize and retrieve tasks on the tiny backbone, with and
 without DeepSpeed (ZeRO-2 on CPU, one process, gloo), and the peak RSS of each run.
 
-Each case runs ``grace.training_grace.train`` in its own subprocess (so peak RSS is its own) on a
+Each case runs ``grace.training.train`` in its own subprocess (so peak RSS is its own) on a
 demo set of ``--images`` images with ``numeric`` ids, only the memorize and retrieve tasks, for
 ``--steps`` optimizer steps; samples/s per task is the median over its steps after ``--warmup``
 (a step's samples: the batch size). Example (what BENCHMARKS.md reports):
@@ -33,10 +33,10 @@ ZERO2 = Path(__file__).resolve().parent.parent / "configs" / "deepspeed" / "zero
 
 def run_case(deepspeed: bool, threads: int, images: int, steps: int, warmup: int) -> dict:
     """One training run in this process; returns its per-task samples/s and peak RSS."""
-    from grace.configuration_grace import TrainConfig
+    from grace.data.synth import synthesize
     from grace.identifiers import assign_identifiers
-    from grace.synth import synthesize
-    from grace.training_grace import train
+    from grace.training import train
+    from grace.training.config import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         records = synthesize(Path(tmp) / "d", n=images, seed=0)
@@ -73,7 +73,7 @@ def run_case(deepspeed: bool, threads: int, images: int, steps: int, warmup: int
 
 def report(rows: list[dict], command: str, args: argparse.Namespace) -> str:
     lines = [
-        "## Training throughput (`grace/training_grace.py`)",
+        "## Training throughput (`grace/training/loop.py`)",
         "",
         f"Command: `{command}`",
         "",

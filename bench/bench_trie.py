@@ -32,7 +32,7 @@ import torch
 import transformers
 from benchmarks_md import cpus, write_section  # bench/ is on sys.path
 
-from grace.trie import Trie, TrieLogitsProcessor
+from grace.retrieval.trie import Trie, TrieLogitsProcessor
 
 EOS = 3
 PAD = 1
@@ -202,7 +202,7 @@ def secs(s: float) -> str:
 
 def report(rows: list[dict], command: str) -> str:
     lines = [
-        "## Identifier trie (`grace/trie.py`)",
+        "## Identifier trie (`grace/retrieval/trie.py`)",
         "",
         f"Command: `{command}`",
         "",

@@ -1,4 +1,4 @@
-"""KFP v2 components: each moves typed artifacts in and out of one ``grace.pipeline_steps`` call.
+"""KFP v2 components: each moves typed artifacts in and out of one ``grace.workflow.steps`` call.
 
 Every component runs in the project's image (``Dockerfile``), which has ``grace`` and kfp
 installed, so no package is installed at run time (``install_kfp_package=False``).

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Output
 
-from components import GRACE_IMAGE
+from grace_kfp.components import GRACE_IMAGE
 
 
 @dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
@@ -17,10 +17,15 @@ def assign_identifiers(
     pipeline_key: str,
     identifiers: Output[Artifact],
 ):
-    from grace.pipeline_steps import assign_identifiers, context
+    """Assign identifiers of ``scheme`` (with ``scheme_params``) to the validated set's images."""
+    from grace.workflow.steps import assign_identifiers, context
 
     stats = assign_identifiers(
-        dataset.path, identifiers.path, scheme=scheme, params=scheme_params,
-        embedder_seconds=embedder_seconds, ctx=context(tracking_uri, experiment, pipeline_key),
-    )  # fmt: skip
+        dataset.path,
+        identifiers.path,
+        scheme=scheme,
+        params=scheme_params,
+        embedder_seconds=embedder_seconds,
+        ctx=context(tracking_uri, experiment, pipeline_key),
+    )
     identifiers.metadata.update(scheme=scheme, identifiers=stats["identifiers"])

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from components import GRACE_IMAGE
+from grace_kfp.components import GRACE_IMAGE
 
 
 @dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
@@ -22,12 +22,18 @@ def evaluate(
     report: Output[HTML],
 ):
     """``max_queries`` 0 evaluates every held-out query."""
-    from grace.pipeline_steps import context, evaluate
+    from grace.workflow.steps import context, evaluate
 
     values = evaluate(
-        dataset.path, model.path, metrics_json.path, report.path, gallery=gallery,
-        num_beams=num_beams, dense_seconds=dense_seconds, max_queries=max_queries or None,
+        dataset.path,
+        model.path,
+        metrics_json.path,
+        report.path,
+        gallery=gallery,
+        num_beams=num_beams,
+        dense_seconds=dense_seconds,
+        max_queries=max_queries or None,
         ctx=context(tracking_uri, experiment, pipeline_key),
-    )  # fmt: skip
+    )
     for name, value in values.items():
         metrics.log_metric(name, value)

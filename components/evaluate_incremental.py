@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from components import GRACE_IMAGE
+from grace_kfp.components import GRACE_IMAGE
 
 
 @dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
@@ -21,12 +21,17 @@ def evaluate_incremental(
     report: Output[HTML],
 ):
     """``max_queries`` 0 evaluates every held-out query (of old and of new images each)."""
-    from grace.pipeline_steps import context, evaluate_incremental
+    from grace.workflow.steps import context, evaluate_incremental
 
     values = evaluate_incremental(
-        dataset.path, model.path, plan.path, metrics_json.path, report.path,
-        num_beams=num_beams, max_queries=max_queries or None,
+        dataset.path,
+        model.path,
+        plan.path,
+        metrics_json.path,
+        report.path,
+        num_beams=num_beams,
+        max_queries=max_queries or None,
         ctx=context(tracking_uri, experiment, pipeline_key),
-    )  # fmt: skip
+    )
     for name, value in values.items():
         metrics.log_metric(name, value)

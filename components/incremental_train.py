@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components import GRACE_IMAGE
+from grace_kfp.components import GRACE_IMAGE
 
 
 @dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
@@ -21,14 +21,24 @@ def incremental_train(
     plan: Output[Artifact],
     processes: int = 1,
 ):
-    """``settings``: TrainConfig fields; ``replay``: ReplayConfig fields (ratio, minimum, seed,
+    """Extend the base model's identifiers and continue its training on the new images.
+
+    ``settings`` are TrainConfig fields; ``replay`` ReplayConfig fields (ratio, minimum, seed,
     only_new_ids, all_old_negatives, rows_training; unset ones chosen for the base's ids);
-    ``processes``: data-parallel training processes, one per GPU (needs ``deepspeed``)."""
-    from grace.pipeline_steps import context, incremental_train
+    ``processes`` data-parallel training processes, one per GPU (needs ``deepspeed``).
+    """
+    from grace.workflow.steps import context, incremental_train
 
     summary = incremental_train(
-        dataset.path, base_model, model.path, plan.path, settings=settings, replay=replay,
-        embedder=embedder, embedder_seconds=embedder_seconds, processes=processes,
+        dataset.path,
+        base_model,
+        model.path,
+        plan.path,
+        settings=settings,
+        replay=replay,
+        embedder=embedder,
+        embedder_seconds=embedder_seconds,
+        processes=processes,
         ctx=context(tracking_uri, experiment, pipeline_key),
-    )  # fmt: skip
+    )
     model.metadata.update(stage="incremental", base_model=base_model, **summary)

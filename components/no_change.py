@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Input
 
-from components import GRACE_IMAGE
+from grace_kfp.components import GRACE_IMAGE
 
 
 @dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
@@ -14,6 +14,6 @@ def no_change(
     pipeline_key: str,
 ) -> bool:
     """Returns False: no new model, ``champion`` unchanged."""
-    from grace.pipeline_steps import context, no_change
+    from grace.workflow.steps import context, no_change
 
     return no_change(diff.path, ctx=context(tracking_uri, experiment, pipeline_key))

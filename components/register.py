@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components import GRACE_IMAGE
+from grace_kfp.components import GRACE_IMAGE
 
 
 @dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
@@ -21,14 +21,19 @@ def register(
     decision: Output[Artifact],
 ) -> bool:
     """Returns whether ``champion`` moved; the decision artifact says why."""
-    from grace.pipeline_steps import context, register
-    from grace.registry import Gate
+    from grace.workflow.model_registry import Gate
+    from grace.workflow.steps import context, register
 
     gate = Gate(metric=gate_metric, tolerance=gate_tolerance, min_memorization=min_memorization)
     outcome = register(
-        model.path, metrics_json.path, dataset.path, decision.path, model_name=model_name,
-        gate=gate, ctx=context(tracking_uri, experiment, pipeline_key),
-    )  # fmt: skip
+        model.path,
+        metrics_json.path,
+        dataset.path,
+        decision.path,
+        model_name=model_name,
+        gate=gate,
+        ctx=context(tracking_uri, experiment, pipeline_key),
+    )
     decision.metadata.update(version=outcome["version"], promoted=outcome["promoted"])
     print(f"model {model_name} v{outcome['version']}: " + "; ".join(outcome["reasons"]))
     return outcome["promoted"]

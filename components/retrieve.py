@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components import GRACE_IMAGE
+from grace_kfp.components import GRACE_IMAGE
 
 
 @dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
@@ -18,12 +18,20 @@ def retrieve(
     model: Output[Model],
     processes: int = 1,
 ):
-    """``settings``: TrainConfig fields (epochs, max_seconds, lr, deepspeed, ...); ``processes``:
-    data-parallel training processes in this task, one per GPU (needs ``deepspeed``)."""
-    from grace.pipeline_steps import context, retrieve
+    """Learn to retrieve (query -> identifier), continuing from the memorized model.
+
+    ``settings`` are TrainConfig fields (epochs, max_seconds, lr, deepspeed, ...); ``processes``
+    data-parallel training processes in this task, one per GPU (needs ``deepspeed``).
+    """
+    from grace.workflow.steps import context, retrieve
 
     summary = retrieve(
-        dataset.path, identifiers.path, memorized.path, model.path, settings=settings,
-        processes=processes, ctx=context(tracking_uri, experiment, pipeline_key),
-    )  # fmt: skip
+        dataset.path,
+        identifiers.path,
+        memorized.path,
+        model.path,
+        settings=settings,
+        processes=processes,
+        ctx=context(tracking_uri, experiment, pipeline_key),
+    )
     model.metadata.update(stage="retrieve", **summary)

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Output
 
-from components import GRACE_IMAGE
+from grace_kfp.components import GRACE_IMAGE
 
 
 @dsl.component(base_image=GRACE_IMAGE, install_kfp_package=False)
@@ -20,12 +20,18 @@ def validate_data(
     result: Output[Artifact],
 ) -> str:
     """Returns the data revision as a commit sha (what lineage and the registry record)."""
-    from grace.pipeline_steps import context, validate_data
+    from grace.workflow.steps import context, validate_data
 
     ctx = context(tracking_uri, experiment, pipeline_key)
     summary = validate_data(
-        source, rev, dataset.path, report.path, result.path,
-        data_dir=data_dir, min_images=min_images, ctx=ctx,
-    )  # fmt: skip
+        source,
+        rev,
+        dataset.path,
+        report.path,
+        result.path,
+        data_dir=data_dir,
+        min_images=min_images,
+        ctx=ctx,
+    )
     dataset.metadata.update(revision=summary["revision"], images=summary["images"])
     return summary["revision"]

@@ -31,15 +31,18 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``target`` atomically, as UTF-8."""
     write_bytes(target, text.encode("utf-8"))
 
 
 def write_json(target: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` to ``target`` atomically as indented, key-sorted JSON ending in a newline."""
     write_text(target, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 

@@ -1,0 +1,1 @@
+"""The pipelines (installed as ``grace_kfp.pipelines``): they only wire components."""

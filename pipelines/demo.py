@@ -50,15 +50,26 @@ def run_demo(
     train_seconds: float = 120,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    """The whole product on a fresh machine: data, both pipelines' first one, the champion.
+
+    Args:
+        data: Image set folder; the demo set is generated there when missing.
+        work: Where the local pipeline run, its MLflow store and its log go.
+        train_seconds: Training budget of each training step.
+        echo: Where progress lines go.
+
+    Returns:
+        The local pipeline run's outputs, its metrics and the example searches' results.
+    """
     import mlflow
     import pandas as pd
 
-    from grace.imageset import scan_image_set, summarize
-    from grace.registry import champion_of, load_pyfunc
-    from grace.synth import synthesize
-    from grace.tracking import local_store
-    from grace.versioning import cache_workspace
-    from pipelines.operations import run_local
+    from grace.data.imageset import scan_image_set, summarize
+    from grace.data.synth import synthesize
+    from grace.data.versioning import cache_workspace
+    from grace.workflow.model_registry import champion_of, load_pyfunc
+    from grace.workflow.tracking import local_store
+    from grace_kfp.pipelines.operations import run_local
 
     t0 = time.perf_counter()
     repo = Path.cwd().resolve()
@@ -153,7 +164,7 @@ def _output_to(path: Path) -> Iterator[None]:
 def _latest_pipeline_run(uri: str, experiment: str):
     from mlflow import MlflowClient
 
-    from grace.tracking import PIPELINE_KEY_TAG
+    from grace.workflow.tracking import PIPELINE_KEY_TAG
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)

@@ -1,6 +1,7 @@
-"""incremental_pipeline: diff -> (nothing changed: stop) validate -> extend ids and continue
-training from the base model -> evaluate old vs new images -> register through the
-incremental gate.
+"""The incremental pipeline: re-memorize new images, keep the old ids, gate on forgetting.
+
+Diff -> (nothing changed: stop) validate -> extend ids and continue training from the base
+model -> evaluate old vs new images -> register through the incremental gate.
 
 Only wiring. The diff is cheap, so a recurring run of this pipeline costs almost nothing on
 days without new data (``dsl.If`` on the diff size); the base model is pinned to the version
@@ -9,12 +10,12 @@ the diff resolved, so every step works from the same model even if ``champion`` 
 
 from kfp import dsl
 
-from components.diff_data import diff_data
-from components.evaluate_incremental import evaluate_incremental
-from components.incremental_train import incremental_train
-from components.no_change import no_change
-from components.register_incremental import register_incremental
-from components.validate_data import validate_data
+from grace_kfp.components.diff_data import diff_data
+from grace_kfp.components.evaluate_incremental import evaluate_incremental
+from grace_kfp.components.incremental_train import incremental_train
+from grace_kfp.components.no_change import no_change
+from grace_kfp.components.register_incremental import register_incremental
+from grace_kfp.components.validate_data import validate_data
 
 
 @dsl.pipeline(name="grace-incremental-update")
@@ -44,9 +45,12 @@ def incremental_update(
     train_cpu_limit: str,
     train_memory_limit: str,
 ) -> bool:
-    """The branch that runs when the data changed. A sub-pipeline, so the training task's
+    """The branch that runs when the data changed.
+
+    A sub-pipeline, so the training task's
     resources are its own inputs (KFP does not pass a parent's parameters used only as resource
-    settings into a ``dsl.If`` body)."""
+    settings into a ``dsl.If`` body).
+    """
     track = dict(tracking_uri=tracking_uri, experiment=experiment, pipeline_key=pipeline_key)
     data = validate_data(
         source=data_repo, rev=data_rev, data_dir=data_dir, min_images=min_images, **track

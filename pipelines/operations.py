@@ -17,15 +17,15 @@ from typing import Any
 import yaml
 
 from grace.errors import GraceError
-from pipelines.kfp_api_errors import kfp_api_errors
+from grace_kfp.pipelines.kfp_api_errors import kfp_api_errors
 
 COMPILED = Path(__file__).parent / "compiled"
 
 
 def pipelines() -> dict[str, Any]:
     """Pipeline name -> pipeline function."""
-    from pipelines.incremental_pipeline import incremental_pipeline
-    from pipelines.training_pipeline import training_pipeline
+    from grace_kfp.pipelines.incremental_pipeline import incremental_pipeline
+    from grace_kfp.pipelines.training_pipeline import training_pipeline
 
     return {"training": training_pipeline, "incremental": incremental_pipeline}
 
@@ -48,8 +48,10 @@ _TYPES = {
 
 
 def pipeline_arguments(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    """``arguments`` checked against the pipeline's parameters and cast to their types
-    (``dense_seconds=45`` from a command line is an int; the parameter is a float)."""
+    """``arguments`` checked against the pipeline's parameters and cast to their types.
+
+    (``dense_seconds=45`` from a command line is an int; the parameter is a float).
+    """
     inputs = _pipeline(name).component_spec.inputs or {}
     out: dict[str, Any] = {}
     for key, value in arguments.items():
@@ -98,7 +100,7 @@ def run_local(
     """
     from kfp import local
 
-    from grace.tracking import Tracking, experiment_id
+    from grace.workflow.tracking import Tracking, experiment_id
 
     work = Path(work).resolve()
     root = work / "pipeline_root"
@@ -128,7 +130,8 @@ def submit(
 ) -> str:
     """Start one run on a KFP cluster (caching off: training must really train); its run id.
 
-    The experiment is reused by name, or created."""
+    The experiment is reused by name, or created.
+    """
     args = pipeline_arguments(name, arguments)
     run_name = run_name or f"{_pipeline(name).name} {datetime.now():%Y-%m-%d %H-%M-%S}"
     with kfp_api_errors(host), tempfile.TemporaryDirectory() as tmp:
@@ -154,9 +157,12 @@ def schedule(
     job_name: str | None = None,
     namespace: str | None = None,
 ) -> str:
-    """A recurring run on a KFP cluster. ``cron`` has six fields, seconds first (KFP's format):
+    """A recurring run on a KFP cluster.
+
+    ``cron`` has six fields, seconds first (KFP's format):
     ``0 0 2 * * *`` is 02:00 daily. One run at a time, no catch-up of missed slots, caching
-    off."""
+    off.
+    """
     if len(cron.split()) != 6:
         raise GraceError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 2 * * *'")
     args = pipeline_arguments(name, arguments)
@@ -181,7 +187,8 @@ def _uncached_package(name: str, folder: Path) -> Path:
 
     kfp.Client's ``enable_caching=False`` only reaches the root DAG's tasks: the steps inside a
     ``dsl.If`` or a sub-pipeline (the incremental pipeline's validate and evaluate) would still
-    be served from cache."""
+    be served from cache.
+    """
     path = compile_pipeline(name, folder / f"{name}_pipeline.yaml")
     docs = list(yaml.safe_load_all(path.read_text()))
     spec = docs[0]

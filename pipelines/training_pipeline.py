@@ -1,6 +1,6 @@
 """training_pipeline: validate -> assign ids -> memorize -> retrieve -> evaluate -> register.
 
-Only wiring: every step is a component around one ``grace.pipeline_steps`` call. The data is named
+Only wiring: every step is a component around one ``grace.workflow.steps`` call. The data is named
 by a git+DVC repository and a revision, so KFP caching and MLflow lineage key on it. Training steps
 get the cluster resources given here (``kfp.local`` ignores them); ``train_processes`` > 1 trains
 data-parallel in that many processes of the task, one per GPU (with a DeepSpeed config in the
@@ -9,12 +9,12 @@ settings).
 
 from kfp import dsl
 
-from components.assign_identifiers import assign_identifiers
-from components.evaluate import evaluate
-from components.memorize import memorize
-from components.register import register
-from components.retrieve import retrieve
-from components.validate_data import validate_data
+from grace_kfp.components.assign_identifiers import assign_identifiers
+from grace_kfp.components.evaluate import evaluate
+from grace_kfp.components.memorize import memorize
+from grace_kfp.components.register import register
+from grace_kfp.components.retrieve import retrieve
+from grace_kfp.components.validate_data import validate_data
 
 
 @dsl.pipeline(name="grace-training", description="GRACE: memorize and retrieve an image set.")

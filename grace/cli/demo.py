@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from grace.identifier_index import identifier_stats
 from grace.identifiers import SCHEME_NAMES, assign_identifiers
+from grace.retrieval.index import identifier_stats
 
 
 def run_ids_demo(
@@ -18,9 +18,9 @@ def run_ids_demo(
     echo: Callable[[str], None] = print,
 ) -> dict[str, dict]:
     """Generate (or validate) the demo set, assign each identifier kind, print statistics."""
-    from grace.embedding import make_embedder
-    from grace.imageset import scan_image_set, summarize
-    from grace.synth import synthesize
+    from grace.data.imageset import scan_image_set, summarize
+    from grace.data.synth import synthesize
+    from grace.models.embedders import make_embedder
 
     if (data / "images").is_dir():
         echo(f"== image set: {data} (present; validating)")

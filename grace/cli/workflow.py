@@ -1,7 +1,7 @@
 """``grace pipeline run|compile|submit|schedule``, ``grace search`` and ``grace demo``.
 
 The workflow half of the CLI: thin commands over ``pipelines.operations`` (the only code that
-imports kfp), ``grace.registry`` and ``grace.demo``.
+imports kfp), :mod:`grace.workflow.model_registry` and :mod:`grace.cli.demo`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
-from grace.cli_support import parse_params as _params
-from grace.cli_support import reports_errors
+from grace.cli._errors import parse_params as _params
+from grace.cli._errors import reports_errors
 
 pipeline_app = typer.Typer(
     help="KFP pipelines: run locally, compile, submit or schedule on a cluster.",
@@ -61,8 +61,8 @@ def pipeline_run(
     pipeline: NameOpt = "training",
 ) -> None:
     """Run a pipeline on this machine (every step in a subprocess, no Docker needed)."""
-    from grace.tracking import local_store
-    from pipelines.operations import run_local
+    from grace.workflow.tracking import local_store
+    from grace_kfp.pipelines.operations import run_local
 
     if not local:
         raise typer.BadParameter("only --local runs here; use `grace pipeline submit` for KFP")
@@ -82,7 +82,7 @@ def pipeline_compile(
     pipeline: NameOpt = "training",
 ) -> None:
     """Compile a pipeline to KFP IR YAML (what a cluster runs)."""
-    from pipelines.operations import compile_pipeline
+    from grace_kfp.pipelines.operations import compile_pipeline
 
     typer.echo(f"wrote {compile_pipeline(pipeline, out)}")
 
@@ -104,7 +104,7 @@ def pipeline_submit(
     pipeline: NameOpt = "training",
 ) -> None:
     """Start one run on a Kubeflow Pipelines cluster (caching off)."""
-    from pipelines.operations import submit
+    from grace_kfp.pipelines.operations import submit
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     run_id = submit(
@@ -133,7 +133,7 @@ def pipeline_schedule(
     pipeline: NameOpt = "training",
 ) -> None:
     """Create a recurring run on a Kubeflow Pipelines cluster."""
-    from pipelines.operations import schedule
+    from grace_kfp.pipelines.operations import schedule
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     job = schedule(
@@ -160,7 +160,7 @@ def search(
     import mlflow
     import pandas as pd
 
-    from grace.registry import load_pyfunc
+    from grace.workflow.model_registry import load_pyfunc
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
@@ -187,8 +187,8 @@ def demo(
     ] = False,
 ) -> None:
     """The product on one machine: data, pipeline, registry, searches, the MLflow UI."""
-    from grace.demo import run_ids_demo
-    from pipelines.demo import run_demo
+    from grace.cli.demo import run_ids_demo
+    from grace_kfp.pipelines.demo import run_demo
 
     if ids_only:
         run_ids_demo(data=data, work=work, echo=typer.echo)
@@ -215,8 +215,8 @@ def watch(
     namespace: str | None = None,
 ) -> None:
     """Run the incremental pipeline once per new data revision of a branch (restart-safe)."""
-    from grace.tracking import local_store
-    from grace.watching import Watcher
+    from grace.workflow.tracking import local_store
+    from grace.workflow.watcher import Watcher
 
     if local == (host is not None):
         raise typer.BadParameter("give exactly one of --local and --host")
@@ -227,15 +227,19 @@ def watch(
     def trigger(sha: str) -> Any:
         args = _arguments(param, data_repo, sha, uri)
         if local:
-            from pipelines.operations import run_local
+            from grace_kfp.pipelines.operations import run_local
 
             return run_local(args, work / sha[:12], pipeline)["output"]
-        from pipelines.operations import submit
+        from grace_kfp.pipelines.operations import submit
 
         return submit(
-            host, args, name=pipeline, experiment=experiment, namespace=namespace,
+            host,
+            args,
+            name=pipeline,
+            experiment=experiment,
+            namespace=namespace,
             run_name=f"{pipeline}-{sha[:12]}",
-        )  # fmt: skip
+        )
 
     watcher = Watcher(data_repo, state, trigger, branch=branch)
     watcher.run(interval, echo=typer.echo, max_polls=1 if once else None)

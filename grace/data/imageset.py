@@ -27,8 +27,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from grace.atomic_io import write_with
+from grace.data.records import SPLITS, ImageRecord
 from grace.errors import InvalidInputError, Problem
-from grace.records import SPLITS, ImageRecord
 
 IMAGES_DIR = "images"
 CAPTIONS_FILE = "captions.jsonl"
@@ -137,7 +137,7 @@ def image_files(images_dir: Path) -> list[Path]:
 def check_image(path: Path, limits: Limits) -> tuple[str, int, int] | Problem:
     """(sha256, width, height) of a readable image, or the rule it breaks.
 
-    Public so every validator (``grace.validation``) applies the same per-file rules.
+    Public so every validator (``grace.data.validation``) applies the same per-file rules.
     """
     size = path.stat().st_size
     if size == 0:
@@ -178,9 +178,11 @@ def check_image(path: Path, limits: Limits) -> tuple[str, int, int] | Problem:
 def caption_lines(
     cap_path: Path, images_dir: Path, problems: list[Problem]
 ) -> Iterator[tuple[int, dict[str, Any], PurePosixPath]]:
-    """Yield (row, object, image path inside images/) of every row of captions.jsonl that is
-    well-formed: UTF-8, a JSON object of known fields, an image path inside ``images/``.
-    Every other row becomes a problem naming it. What the fields may hold is the caller's rule."""
+    """Yield ``(row, object, image path inside images/)`` of every well-formed captions.jsonl row.
+
+    Well-formed: UTF-8, a JSON object of known fields, an image path inside ``images/``. Every
+    other row becomes a problem naming it. What the fields may hold is the caller's rule.
+    """
     f = str(cap_path)
     root_resolved = images_dir.resolve()
     for row, raw in enumerate(cap_path.read_bytes().splitlines(), start=1):
@@ -256,6 +258,7 @@ def _caption_problem(caption: Any, limits: Limits) -> tuple[str, str] | None:
 
 # ---- manifest ----------------------------------------------------------------------------
 def manifest_frame(records: Sequence[ImageRecord]) -> pd.DataFrame:
+    """The records as a manifest table: one row per image, the columns of ``MANIFEST_COLUMNS``."""
     return pd.DataFrame(
         {
             "key": [r.key for r in records],

@@ -15,9 +15,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from grace.atomic_io import atomic_dir
+from grace.data.imageset import CAPTIONS_FILE, IMAGES_DIR, scan_image_set, write_caption_rows
+from grace.data.records import ImageRecord
 from grace.errors import InvalidInputError, Problem
-from grace.imageset import CAPTIONS_FILE, IMAGES_DIR, scan_image_set, write_caption_rows
-from grace.records import ImageRecord
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 

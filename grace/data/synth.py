@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from grace.atomic_io import atomic_dir
-from grace.imageset import CAPTIONS_FILE, IMAGES_DIR, scan_image_set, write_caption_rows
-from grace.records import ImageRecord
+from grace.data.imageset import CAPTIONS_FILE, IMAGES_DIR, scan_image_set, write_caption_rows
+from grace.data.records import ImageRecord
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -46,6 +46,8 @@ SYNONYMS = {
 
 @dataclass(frozen=True)
 class Shape:
+    """One shape of a scene: its colour, kind and size, in a cell of the 3 x 3 grid."""
+
     colour: str
     kind: str
     size: str
@@ -69,6 +71,8 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scene:
+    """One synthetic image: a background colour and its shapes."""
+
     background: str
     shapes: tuple[Shape, ...]
 

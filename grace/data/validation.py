@@ -20,8 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from grace.errors import InvalidInputError, Problem
-from grace.imageset import (
+from grace.data.imageset import (
     CAPTIONS_FILE,
     IMAGES_DIR,
     Limits,
@@ -29,7 +28,8 @@ from grace.imageset import (
     check_image,
     image_files,
 )
-from grace.records import SPLITS
+from grace.data.records import SPLITS
+from grace.errors import InvalidInputError, Problem
 
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f]"
 NO_IMAGES = "<no images>"  # GX needs a non-empty value set

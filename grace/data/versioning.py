@@ -23,9 +23,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from grace.atomic_io import atomic_dir
+from grace.data.imageset import CAPTIONS_FILE, IMAGES_DIR, Limits, scan_image_set
+from grace.data.records import ImageRecord
 from grace.errors import GraceError, InvalidInputError, Problem
-from grace.imageset import CAPTIONS_FILE, IMAGES_DIR, Limits, scan_image_set
-from grace.records import ImageRecord
 
 DEFAULT_DATA_DIR = "data"
 DVC_SETUP_FILES = (".dvc/config", ".dvc/.gitignore", ".dvcignore")

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from grace.atomic_io import write_json
+from grace.data.records import ImageRecord
 from grace.errors import InvalidInputError, Problem
-from grace.records import ImageRecord
 
 if TYPE_CHECKING:
-    from grace.embedding import ImageEmbedder
-    from grace.identifiers.schemes import Captioner
+    from grace.identifiers.base import Captioner, ImageEmbedder
 
 FORMAT_VERSION = 1
 
@@ -57,19 +56,21 @@ class IdentifierMap:
         raise KeyError(f"unknown identifier {identifier!r}")
 
     def lookup(self) -> dict[str, str]:
-        """identifier -> key for every live identifier (build once, query many times)."""
+        """Map every live identifier to its image key (build once, query many times)."""
         return {i: k for i, k in self.identifiers()}
 
     def token_text(self, identifier: str) -> str:
-        """The text a tokenizer sees for ``identifier`` (numeric ids: one digit per token;
-        structured ids: a token per level or per tree node)."""
-        from grace.identifiers.schemes import get_scheme
+        """The text a tokenizer sees for ``identifier``.
+
+        Numeric ids: one digit per token; structured ids: a token per level or per tree node.
+        """
+        from grace.identifiers.base import get_scheme
 
         return get_scheme(self.scheme).token_text(self, identifier)
 
     def new_tokens(self) -> list[str]:
         """Whole-identifier tokens the tokenizer must gain (structured levels, atomic ids)."""
-        from grace.identifiers.schemes import get_scheme
+        from grace.identifiers.base import get_scheme
 
         return get_scheme(self.scheme).new_tokens(self)
 
@@ -89,7 +90,7 @@ class IdentifierMap:
         root: str | os.PathLike | None = None,
     ) -> IdentifierMap:
         """Give ``records`` identifiers without changing any existing one."""
-        from grace.identifiers.schemes import get_scheme
+        from grace.identifiers.base import get_scheme
 
         dupes = [r for r in records if r.key in self.ids]
         if dupes:
@@ -191,7 +192,7 @@ def assign_identifiers(
     root: str | os.PathLike | None = None,
 ) -> IdentifierMap:
     """Identifiers for a whole image set: an empty map of ``scheme`` extended by every record."""
-    from grace.identifiers.schemes import get_scheme
+    from grace.identifiers.base import get_scheme
 
     impl = get_scheme(scheme)
     defaults = impl.default_params()

@@ -6,48 +6,19 @@ extending an empty map, so the same code guarantees that existing identifiers ne
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from grace.records import ImageRecord
-
-if TYPE_CHECKING:
-    from grace.embedding import ImageEmbedder
-    from grace.identifiers.identifier_map import IdentifierMap
-
-Captioner = Callable[[Sequence[ImageRecord]], list[str]]
-"""Describes images in words; the semantic scheme uses it for images whose captions are held out."""
-
-
-class Scheme(Protocol):
-    name: str
-
-    def default_params(self) -> dict[str, Any]: ...
-
-    def issue(
-        self,
-        id_map: IdentifierMap,
-        records: list[ImageRecord],
-        *,
-        embedder: ImageEmbedder | None,
-        captioner: Captioner | None,
-        root: str | os.PathLike | None,
-    ) -> dict[str, list[str]]:
-        """Identifiers for ``records`` (updating ``id_map.state``), none of them issued before."""
-        ...
-
-    def token_text(self, id_map: IdentifierMap, identifier: str) -> str: ...
-
-    def new_tokens(self, id_map: IdentifierMap) -> list[str]: ...
+from grace.identifiers.base import register_scheme
 
 
 class NumberScheme:
-    """Numbers 0, 1, 2, ... in a seeded random order; ``numeric`` writes one digit per token,
-    ``string`` leaves the number to the tokenizer."""
+    """Numbers 0, 1, 2, ... in a seeded random order.
+
+    ``numeric`` writes one digit per token, ``string`` leaves the number to the tokenizer.
+    """
 
     def __init__(self, name: str, digit_tokens: bool):
         self.name = name
@@ -93,6 +64,7 @@ class AtomicScheme:
 
 
 def normalize_caption(text: str) -> str:
+    """``text`` with its whitespace runs collapsed to single spaces and its ends trimmed."""
     return " ".join(text.split())
 
 
@@ -148,22 +120,7 @@ class SemanticScheme:
         return []
 
 
-def get_scheme(name: str) -> Scheme:
-    from grace.identifiers.structured import StructuredScheme
-
-    schemes: dict[str, Scheme] = {
-        "numeric": NumberScheme("numeric", digit_tokens=True),
-        "string": NumberScheme("string", digit_tokens=False),
-        "semantic": SemanticScheme(),
-        "structured": StructuredScheme(),
-        "atomic": AtomicScheme(),
-    }
-    try:
-        return schemes[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown identifier scheme {name!r}; choose one of {SCHEME_NAMES}"
-        ) from None
-
-
-SCHEME_NAMES = ("numeric", "string", "semantic", "structured", "atomic")
+register_scheme(NumberScheme("numeric", digit_tokens=True))
+register_scheme(NumberScheme("string", digit_tokens=False))
+register_scheme(SemanticScheme())
+register_scheme(AtomicScheme())

@@ -9,8 +9,8 @@ that each see almost no training; the default c=100 keeps 1000 images at two lev
 How the parts become tokens is the ``tokens`` parameter. ``level`` (the paper's, and what a map
 without the parameter uses) makes each part a token shared by every node of its level, so the
 last token, a position whose meaning is arbitrary per leaf, has to be stored in the decoder's
-weights as a random code: a 300 s run memorized 6 % of 1000 images, against 96 % per node
-(BENCHMARKS.md). ``node`` (the default for new maps) gives every tree node a token of its own,
+weights as a random code, and memorizes far worse than per-node tokens (BENCHMARKS.md).
+``node`` (the default for new maps) gives every tree node a token of its own,
 ``<0_12> <0_12,1_3> <0_12,1_3,2_27>``: a prefix-aware output layer in the spirit of NCI's PAWA
 decoder, where each step chooses among one node's children and the leaf token is an output row
 of its image, as an atomic id is. The identifier strings are the same either way.
@@ -33,6 +33,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from grace.errors import GraceError
+from grace.identifiers.base import register_scheme
 
 
 def _encode(a: np.ndarray) -> dict[str, Any]:
@@ -46,6 +47,12 @@ def _decode(d: dict[str, Any]) -> np.ndarray:
 
 
 class StructuredScheme:
+    """Paths in a hierarchical k-means tree of the images' embeddings (see the module docstring).
+
+    Parameters: ``k`` (branching), ``c`` (leaf size), ``seed`` and ``tokens`` (``node`` or
+    ``level``).
+    """
+
     name = "structured"
 
     def default_params(self) -> dict[str, Any]:
@@ -146,3 +153,6 @@ def _place(tree: dict[str, Any], e: np.ndarray, c: int) -> list[str]:
     parent["children"].append({"leaf": True, "next": 1})
     j = len(parent["children"]) - 1
     return [*path[:-1], f"{depth - 1}_{j}", f"{depth}_0"]
+
+
+register_scheme(StructuredScheme())

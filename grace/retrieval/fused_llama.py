@@ -1,8 +1,9 @@
 """Decode steps of a Llama-family text decoder run straight from its weights.
 
-Why: a beam step of the tiny backbone is ~60 MFLOP, but one pass through transformers' modules
-costs ~2 ms of Python and small ops whatever the size, which is most of a query. Here a step is
-one fused QKV and one fused gate/up matmul per layer, keys and values are written into buffers
+Why: a beam step of the small built-in decoders is little arithmetic, and one pass through
+transformers' modules costs a fixed overhead of Python and small ops that is most of a query
+(docs/performance.md, BENCHMARKS.md). Here a step is one fused QKV and one fused gate/up matmul
+per layer, keys and values are written into buffers
 allocated once per search (no cache concatenation), and nothing else runs: the RMSNorm weights
 are folded into the matmul after them, rotary angles come from a table and turn queries and keys
 with one complex multiply, and one additive attention mask serves all layers. A prompt with
@@ -11,7 +12,8 @@ unless the model gives its input embeddings (``prompt_embeddings``, as the lite 
 
 Only plain Llama layers qualify (``LlamaDecoderLayer``: RMSNorm, rotary embeddings, SiLU gated
 MLP, no biases); anything else returns ``None`` from ``LlamaSteps.of`` and the caller keeps
-using the model. ``tests/test_beam_search.py`` holds both paths to ``generate``'s rankings.
+using the model. ``tests/retrieval/test_beam_search.py`` holds both paths to ``generate``'s
+rankings.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ def _decoder(model: PreTrainedModel) -> tuple[LlamaModel, nn.Module] | None:
 
 
 def _rms(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm`` without its weight (folded into the next matmul) in three ops: the mean
-    square from the vector norm, then ``x / sqrt(mean + eps)``. ``F.rms_norm`` decomposes into
-    seven small ops on CPU, twice the time at a decode step's size."""
+    """``LlamaRMSNorm`` without its weight (folded into the next matmul), in three ops.
+
+    The mean square comes from the vector norm, then ``x / sqrt(mean + eps)``. ``F.rms_norm``
+    decomposes into more small ops on CPU, slower at a decode step's size.
+    """
     n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return x * torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()
 
@@ -57,9 +61,11 @@ def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _pairs_side_by_side(head_dim: int) -> torch.Tensor:
-    """Row order of a head that puts Llama's rotated pairs ``(i, i + head_dim / 2)`` next to each
-    other, so rotary embedding becomes one complex multiply. Queries and keys are permuted alike,
-    which leaves their dot products (and so attention) unchanged."""
+    """Row order of a head that puts Llama's rotated pairs ``(i, i + head_dim / 2)`` side by side.
+
+    Rotary embedding then becomes one complex multiply. Queries and keys are permuted alike,
+    which leaves their dot products (and so attention) unchanged.
+    """
     half = torch.arange(head_dim // 2)
     return torch.stack([half, half + head_dim // 2], dim=-1).flatten()
 
@@ -68,7 +74,8 @@ def _packed_matmuls(like: torch.Tensor) -> bool:
     """Whether weights can be prepacked for oneDNN here (float32 on a CPU that has it).
 
     ``torch.compile`` freezes CPU linears this way. Whether it pays depends on the CPU (see
-    ``_packing_pays``)."""
+    ``_packing_pays``).
+    """
     return (
         like.device.type == "cpu"
         and like.dtype == torch.float32
@@ -78,14 +85,13 @@ def _packed_matmuls(like: torch.Tensor) -> bool:
 
 
 def _packing_pays(weights: list[torch.Tensor], rows: int = 10, rounds: int = 7) -> bool:
-    """Whether oneDNN's packed matmuls beat ``F.linear`` (MKL) on this CPU for ``weights``, each
-    applied to ``rows`` rows as one query's beam step does: a probe of a few milliseconds, once
-    per fused model.
+    """Whether oneDNN's packed matmuls beat ``F.linear`` (MKL) on this CPU for ``weights``.
 
-    At a step's 10 rows the packed matmul took 20-30 % less time than ``F.linear`` on an AMD
-    EPYC and 13-44 % more on an Intel Xeon (Sapphire Rapids; a whole lite query 12 % more), so
-    neither choice can be fixed.
-    Packing must win by 5 %, so that a near tie keeps MKL; both are float32 and rank alike."""
+    Each weight is applied to ``rows`` rows as one query's beam step does: a probe of a few
+    milliseconds, once per fused model. Packing is faster on some CPUs and slower on others
+    (docs/performance.md), so neither choice can be fixed. Packing must win by 5 %, so that a
+    near tie keeps MKL; both are float32 and rank alike.
+    """
     packed = [_pack(w) for w in weights]
     xs = [torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights]
     plain_times, packed_times = [], []
@@ -165,8 +171,11 @@ class LlamaSteps:
         self._turns = torch.zeros(0, d // 2, dtype=torch.complex64)
 
     def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
-        """``(batch, new, 1, head_dim / 2)`` complex rotations of ``positions``, from a table that
-        the model's own rotary module fills (so the angles are its own) and that grows on need."""
+        """``(batch, new, 1, head_dim / 2)`` complex rotations of ``positions``.
+
+        They come from a table that the model's own rotary module fills (so the angles are its
+        own) and that grows on need.
+        """
         need = int(positions.max()) + 1
         if need > self._turns.shape[0]:
             at = torch.arange(max(need, 2 * self._turns.shape[0], 512), device=positions.device)
@@ -177,9 +186,11 @@ class LlamaSteps:
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> LlamaSteps | None:
-        """The fused decoder of ``model``, cached on it and rebuilt once the weights it copied
-        change (in place, or the embeddings or head replaced); None while ``model`` trains or
-        if it is not plain Llama. A hit checks only those weights: a query pays ~10 us."""
+        """The fused decoder of ``model``, cached on it; None while it trains or is not plain Llama.
+
+        The cache is rebuilt once the weights it copied change (in place, or the embeddings or
+        head replaced). A hit checks only those weights, a negligible cost per query.
+        """
         found = _decoder(model)
         if found is None or model.training:
             return None
@@ -247,11 +258,14 @@ class LlamaSteps:
         last_only: bool = False,
         embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(batch, new, vocab)`` of ``tokens`` ``(batch, new)``; their keys and values go
-        to positions ``filled:filled + new`` of the buffers; ``keep`` ``(batch, new, filled +
-        new)`` says which cached tokens each new one attends to. ``last_only``: logits of the
-        last new token only (a prefill). ``embeds``: the tokens' input embeddings, when the model
-        puts more than token embeddings there (projected features)."""
+        """Logits ``(batch, new, vocab)`` of ``tokens`` ``(batch, new)``.
+
+        Their keys and values go to positions ``filled:filled + new`` of the buffers; ``keep``
+        ``(batch, new, filled + new)`` says which cached tokens each new one attends to.
+        ``last_only``: logits of the last new token only (a prefill). ``embeds``: the tokens'
+        input embeddings, when the model puts more than token embeddings there (projected
+        features).
+        """
         x = F.embedding(tokens, self.embed.weight) if embeds is None else embeds
         turn = self._rotation(positions)
         b, t = tokens.shape

@@ -13,15 +13,21 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from grace.data.records import ImageRecord
 from grace.errors import InvalidInputError, Problem
 from grace.identifiers import IdentifierMap
-from grace.records import ImageRecord
-from grace.tokenization import add_identifier_tokens, train_tokenizer
-from grace.trie import Trie
+from grace.models.tokenization import add_identifier_tokens, train_tokenizer
+from grace.retrieval.trie import Trie
 
 
 @dataclass
 class IdentifierIndex:
+    """The live identifiers of a map as token sequences of one tokenizer, with their trie.
+
+    Row ``n`` holds ``identifiers[n]``, the key of its image and its tokens (without EOS);
+    ``position`` maps an identifier to its row. Build it with :meth:`build`.
+    """
+
     identifiers: list[str]
     keys: list[str]
     sequences: list[tuple[int, ...]]

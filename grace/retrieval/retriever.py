@@ -19,15 +19,15 @@ from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
 from grace.atomic_io import atomic_dir, write_json
-from grace.beam_search import trie_beam_search
-from grace.configuration_grace import Prompts
+from grace.data.imageset import read_manifest, write_manifest
+from grace.data.records import ImageRecord
 from grace.errors import GraceError
-from grace.identifier_index import IdentifierIndex
 from grace.identifiers import IdentifierMap
-from grace.imageset import read_manifest, write_manifest
-from grace.modeling_backbone import load_backbone, tokenizer_of
-from grace.records import ImageRecord
-from grace.task_examples import retrieve_turn, user_turn
+from grace.models.backbone import tokenizer_of
+from grace.models.factory import load_backbone
+from grace.models.prompts import Prompts, retrieve_turn, user_turn
+from grace.retrieval.beam_search import trie_beam_search
+from grace.retrieval.index import IdentifierIndex
 
 FORMAT_VERSION = 1
 GRACE_FILE = "grace.json"
@@ -37,13 +37,29 @@ MANIFEST_FILE = "manifest.parquet"
 
 @dataclass(frozen=True)
 class Hit:
+    """One retrieved image: its identifier, image key, path in the set, and score.
+
+    The score is the identifier's length-normalised log-probability (higher is better).
+    """
+
     identifier: str
     key: str
     path: str
     score: float
 
 
-class GraceModel:
+class GraceRetriever:
+    """A trained GRACE model ready to retrieve: backbone, processor, identifiers and their trie.
+
+    Args:
+        model: The trained backbone (put in eval mode).
+        processor: Its processor.
+        id_map: The images' identifiers; the trie is built over the live ones.
+        records: The image set's records (for the hits' paths).
+        prompts: The task prompts it was trained with (defaults: :class:`Prompts`).
+        info: Free-form facts saved with the model (``grace.json``).
+    """
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -85,7 +101,7 @@ class GraceModel:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> GraceModel:
+    def load(cls, directory: str | os.PathLike) -> GraceRetriever:
         directory = Path(directory)
         if not (directory / GRACE_FILE).is_file():
             raise GraceError(f"{directory}: not a GRACE model folder (no {GRACE_FILE})")
@@ -207,3 +223,7 @@ class GraceModel:
             inputs = self._image_inputs(prompt, list(images[i : i + batch_size]))
             out += self._free_text(inputs, max_new_tokens)
         return out
+
+
+GraceModel = GraceRetriever
+"""The retriever's name before the layered layout; kept as an alias for one release."""

@@ -1,8 +1,8 @@
 """A compact array prefix trie over identifier token sequences, for constrained beam search.
 
-Why arrays: GENRE's dict-of-dicts trie needed 8.5 GB for 6M identifiers, because every node is a
-Python dict. Here the whole trie is three flat int32 arrays (12 bytes per node), built with
-vectorized numpy from the sorted sequences, and looked up for a whole beam batch at once.
+A dict-of-dicts trie (GENRE's) spends a Python dict per node; here the whole trie is three flat
+int32 arrays (12 bytes per node), built with vectorized numpy from the sorted sequences and read
+for a whole beam batch at once (why and how it compares: docs/performance.md#trie-layout).
 
 Layout (CSR, nodes numbered breadth-first, siblings sorted by token):
 
@@ -294,14 +294,16 @@ class Trie:
         return np.where(child >= 0, child, self._sink)
 
     def live_edges(self, nodes: np.ndarray, *, with_degree: bool = False) -> tuple[np.ndarray, ...]:
-        """``(row, token, child)`` of every live edge leaving ``nodes[row]``, rows ascending and
-        tokens ascending within a row (``with_degree``: and each row's number of edges).
+        """``(row, token, child)`` of every live edge leaving ``nodes[row]``.
+
+        Rows are ascending, and tokens ascending within a row (``with_degree``: also each row's
+        number of edges).
 
         What a decoder that keeps each beam's node needs at a step: the few tokens each beam may
         emit and the node each one leads to, read straight off the CSR arrays (no full-vocabulary
         mask, no search for the child). A dead end (see ``advance``) has no edges. A search
         calls this at every step between model steps, which evict numpy's code and data from
-        the caches: each numpy call costs ~3x what it costs alone, so it makes few of them.
+        the caches: each numpy call costs several times what it costs alone, so it makes few.
         """
         nodes = np.asarray(nodes, dtype=np.int64)
         lo = self.first_child[nodes]
@@ -324,8 +326,10 @@ class Trie:
 
     @property
     def top_token(self) -> int:
-        """The largest token on any edge (-1 if none): a search whose vocabulary is larger need
-        not drop tokens it cannot score."""
+        """The largest token on any edge (-1 if none).
+
+        A search whose vocabulary is larger need not drop tokens it cannot score.
+        """
         return self._top_token
 
     def node_mask(self, nodes: np.ndarray, vocab_size: int) -> torch.Tensor:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from grace.constants import IGNORE_INDEX
 from grace.errors import GraceError
-from grace.task_examples import IGNORE_INDEX, Example, ImageInputs, TextInputs, collate
+from grace.training.examples import Example, ImageInputs, TextInputs, collate
 
 # tasks whose answers are identifiers: where a new id can take an old image's place
 ID_TASKS = ("memorize", "retrieve")
@@ -33,9 +34,22 @@ ID_TASKS = ("memorize", "retrieve")
 
 @dataclass
 class CachedNegatives:
-    """Answer positions of the old examples: ``hidden`` [M, d] (the head's input),
-    ``frozen_lse`` [M], ``target_logit`` [M] and ``weight`` [M] (how many times the example was
-    listed; constants), rows ``start:`` trained."""
+    """The answer positions of the old examples, computed once with the frozen model.
+
+    Args:
+        hidden (`torch.Tensor`):
+            ``[M, d]`` the output head's input at each answer position.
+        frozen_lse (`torch.Tensor`):
+            ``[M]`` log-sum-exp of the frozen rows' logits (rows below ``start``).
+        target_logit (`torch.Tensor`):
+            ``[M]`` the logit of each position's target token.
+        weight (`torch.Tensor`):
+            ``[M]`` how many times the position's example was listed (a constant).
+        start (`int`):
+            First trained row of the head: rows ``start:`` train.
+        examples (`int`):
+            Examples cached, counted as listed.
+    """
 
     hidden: torch.Tensor
     frozen_lse: torch.Tensor
@@ -48,8 +62,11 @@ class CachedNegatives:
         return self.hidden.shape[0]
 
     def loss_sum(self, head: torch.nn.Module) -> torch.Tensor:
-        """The summed cross-entropy of every cached answer position (times its weight) against
-        the whole vocabulary, differentiable in the head's trained rows only."""
+        """The summed cross-entropy of every cached answer position against the whole vocabulary.
+
+        Each position counts its weight times; the sum is differentiable in the head's trained
+        rows only.
+        """
         logits = self.hidden @ head.weight[self.start :].T
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[self.start :]
@@ -68,9 +85,14 @@ def cache_negatives(
     device: torch.device,
     batch_size: int = 64,
 ) -> CachedNegatives:
-    """Run the frozen ``model`` once over each distinct example of ``examples`` (their answers
-    must be frozen rows, below ``start``) and keep what :meth:`CachedNegatives.loss_sum` needs,
-    on ``device``."""
+    """Run the frozen ``model`` once over each distinct example and keep what the loss needs.
+
+    The answers of ``examples`` must be frozen rows, below ``start``; the result holds what
+    :meth:`CachedNegatives.loss_sum` needs, on ``device``.
+
+    Raises:
+        GraceError: If the output table is partitioned (ZeRO-3), or an answer is a trained row.
+    """
     if not examples:
         raise ValueError("no examples to cache as negatives")
     head = model.get_output_embeddings()
@@ -109,9 +131,13 @@ def cache_negatives(
         hook.remove()
         model.train(was_training)
     return CachedNegatives(
-        torch.cat(hidden).to(head.weight.dtype), torch.cat(lse), torch.cat(target),
-        torch.cat(weight), start, len(examples),
-    )  # fmt: skip
+        torch.cat(hidden).to(head.weight.dtype),
+        torch.cat(lse),
+        torch.cat(target),
+        torch.cat(weight),
+        start,
+        len(examples),
+    )
 
 
 def _batches(examples: Sequence[Example], size: int) -> list[list[Example]]:

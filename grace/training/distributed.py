@@ -1,6 +1,6 @@
 """Data-parallel training in N processes on one machine (one per GPU), from a plain call.
 
-``TrainConfig.processes = N`` makes :func:`grace.training_grace.train` start N copies of itself
+``TrainConfig.processes = N`` makes :func:`grace.training.train` start N copies of itself
 through torch's elastic launcher (what ``torchrun --standalone`` runs) and wait for them, so the
 CLI, a KFP task holding N GPUs and the incremental update all get multi-GPU training from the same
 setting. Each rank builds the same model, takes its share of every global batch
@@ -10,7 +10,7 @@ averaged over ranks) reach the caller's callback while the run goes on.
 
 A run started by an outside launcher (``deepspeed --num_gpus N``, ``torchrun``, a Kubeflow
 Trainer TrainJob) already has ``RANK``/``WORLD_SIZE`` set: then ``train`` runs as that rank. (A
-world of one, as :func:`grace.deepspeed_engine.ensure_dist_env` sets up for in-process DeepSpeed,
+world of one, as :func:`grace.training.engine.ensure_dist_env` sets up for in-process DeepSpeed,
 is not a launch: ``processes`` > 1 still starts its ranks.)
 """
 
@@ -20,20 +20,21 @@ import multiprocessing
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from grace.errors import GraceError
 
 if TYPE_CHECKING:
-    from grace.configuration_grace import TrainConfig
+    from grace.data.records import ImageRecord
     from grace.identifiers import IdentifierMap
-    from grace.modeling_grace import GraceModel
-    from grace.records import ImageRecord
-    from grace.training_grace import MetricsCallback
+    from grace.retrieval.retriever import GraceRetriever
+    from grace.training.config import TrainConfig
 
 T = TypeVar("T")
+MetricsCallback = Callable[[int, dict[str, float]], None]
+"""Called with ``(step, metrics)`` as training goes; ranks relay rank 0's to the caller."""
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -57,6 +58,7 @@ def shard(batch: Sequence[T], rank: int, world: int) -> list[T]:
 
 
 def launch_training(
+    entry: Callable[..., Any],
     records: Sequence[ImageRecord],
     root: str | os.PathLike,
     id_map: IdentifierMap,
@@ -65,8 +67,11 @@ def launch_training(
     callback: MetricsCallback | None = None,
     progress: bool = True,
     negatives: Sequence[ImageRecord] = (),
-) -> GraceModel:
-    """Run ``train`` in ``config.processes`` local processes and return the model rank 0 saved.
+) -> GraceRetriever:
+    """Run ``entry`` in ``config.processes`` local processes; return the model rank 0 saved.
+
+    ``entry`` is the per-rank training function (:func:`grace.training.loop.train_loop`),
+    passed in so that this launcher never imports the loop that calls it.
 
     Needs a DeepSpeed config (``config.deepspeed``): DeepSpeed does the gradient all-reduce
     (gloo on CPU, nccl on GPUs). A rank that fails stops the others and raises here.
@@ -74,7 +79,7 @@ def launch_training(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from grace.modeling_grace import GraceModel
+    from grace.retrieval.retriever import GraceRetriever
 
     if config.deepspeed is None:
         raise GraceError(
@@ -100,19 +105,27 @@ def launch_training(
             relay.start()
         try:
             elastic_launch(launch, _rank_main)(
-                list(records), os.fspath(root), id_map, os.fspath(out), config, queue, progress,
+                entry,
+                list(records),
+                os.fspath(root),
+                id_map,
+                os.fspath(out),
+                config,
+                queue,
+                progress,
                 list(negatives),
-            )  # fmt: skip
+            )
         except ChildFailedError as e:
             raise GraceError(f"distributed training failed: {e.format_msg()}") from e
         finally:
             if relay is not None:
                 queue.put(None)
                 relay.join()
-    return GraceModel.load(Path(out) / "model")
+    return GraceRetriever.load(Path(out) / "model")
 
 
 def _rank_main(
+    entry: Callable[..., Any],
     records: list[ImageRecord],
     root: str,
     id_map: IdentifierMap,
@@ -123,8 +136,6 @@ def _rank_main(
     negatives: list[ImageRecord],
 ) -> None:
     """One rank: the ordinary training loop, which reads its rank from the launcher's env."""
-    from grace.training_grace import train
-
     rank, _ = rank_and_world()
     callback = None
     if queue is not None and rank == 0:
@@ -132,8 +143,16 @@ def _rank_main(
         def callback(step: int, metrics: dict[str, float]) -> None:
             queue.put((step, metrics))
 
-    train(records, root, id_map, out, config, callback, progress=progress and rank == 0,
-          negatives=negatives)  # fmt: skip
+    entry(
+        records,
+        root,
+        id_map,
+        out,
+        config,
+        callback,
+        progress=progress and rank == 0,
+        negatives=negatives,
+    )
 
 
 def _relay(queue: Any, callback: MetricsCallback) -> None:

@@ -225,8 +225,11 @@ class DeepSpeedTrainEngine(TrainEngine):
         self._ds.save_checkpoint(str(ckpt_dir), client_state={_CLIENT_KEY: client_state or {}})
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict[str, Any]:
-        """Load the ``latest`` tag. Under ZeRO-3 use a fresh engine: DeepSpeed cannot load into
-        one that has already saved (its module is partitioned)."""
+        """Load the ``latest`` tag and return our client state.
+
+        Under ZeRO-3 use a fresh engine: DeepSpeed cannot load into one that has already saved
+        (its module is partitioned).
+        """
         path, client_state = self._ds.load_checkpoint(str(ckpt_dir))
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint ('latest' tag) in {ckpt_dir}")
@@ -386,8 +389,8 @@ def _skip_shm_comm_build_on_cpu() -> None:
     """Stop DeepSpeed JIT-compiling its CPU shared-memory all-reduce, which training never uses.
 
     On the CPU accelerator every ``TorchBackend()`` (built by ``deepspeed.initialize``) calls
-    ``build_shm_op()``, which compiles ``deepspeed_shm_comm`` with ninja (75-140 s on 2 cores)
-    whenever ``deepspeed.ops.__compatible_ops__`` marks it compatible (always on Linux) and no
+    ``build_shm_op()``, which compiles ``deepspeed_shm_comm`` with ninja (minutes on a small
+    CPU) whenever ``deepspeed.ops.__compatible_ops__`` marks it compatible (always on Linux) and no
     prebuilt copy is installed. The op only serves ``inference_all_reduce`` (training's
     ``all_reduce`` goes to torch.distributed), so we mark it incompatible in that dict, which
     DeepSpeed caches and consults there (no code is patched). CUDA's accelerator has no such

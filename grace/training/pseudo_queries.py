@@ -3,8 +3,8 @@
 An image without train captions (a held-out image, an image that came without text) is only
 ever memorized from its pixels; no query was ever trained to lead to its identifier, and
 queries about it find it only as far as the model's query and image paths happen to agree.
-Giving it queries of its own closes most of that gap (on the demo set, held-out R@10 of atomic
-ids rose from ~0.55 to ~0.84 in a model of the lite design). Two sources:
+Giving it queries of its own closes most of that gap (docs/experiments.md#pseudo-queries). Two
+sources:
 
 - ``caption``: the model's own captions of the image (the paper's way). Any backbone, but only
   as good as its captioning, which the caption task must have trained first.
@@ -22,10 +22,11 @@ from collections.abc import Sequence
 
 import torch
 
-from grace.configuration_grace import PSEUDO_QUERY_SOURCES, Prompts
+from grace.data.records import ImageRecord
 from grace.errors import GraceError
-from grace.records import ImageRecord
-from grace.task_examples import ImageInputs, TextInputs, retrieve_turn
+from grace.models.prompts import Prompts, retrieve_turn
+from grace.training.config import PSEUDO_QUERY_SOURCES
+from grace.training.examples import ImageInputs, TextInputs
 
 
 def aligns(model: torch.nn.Module) -> bool:
@@ -63,8 +64,11 @@ def nearest_captions(
     per_image: int,
     chunk: int = 256,
 ) -> dict[str, list[str]]:
-    """For each image in ``needy``, the ``per_image`` train captions of ``live`` whose retrieve
-    prompts the model aligns closest to it, best first."""
+    """For each image in ``needy``, the train captions the model aligns closest to it.
+
+    These are the ``per_image`` train captions of ``live`` whose retrieve prompts lie nearest
+    the image in the alignment space, best first.
+    """
     captions = list(dict.fromkeys(c for r in live if r.split == "train" for c in r.captions))
     if not captions or not needy:
         return {}

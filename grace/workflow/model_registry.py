@@ -26,9 +26,18 @@ METRICS_TAG = "metrics"
 class Gate:
     """When a candidate may replace the champion.
 
-    ``metric`` must reach the champion's value minus ``tolerance`` (absolute, e.g. 0.01 = one
-    point of recall) and at least ``min_metric``; ``memorization`` must reach ``min_memorization``.
-    With no champion yet, only the absolute floors apply.
+    With no champion yet, only the absolute floors (``min_metric``, ``min_memorization``) apply.
+
+    Args:
+        metric (`str`, *optional*, defaults to `"grace_R@10"`):
+            The evaluation metric compared with the champion's.
+        tolerance (`float`, *optional*, defaults to `0.01`):
+            How far below the champion's ``metric`` the candidate may be; absolute (0.01 = one
+            point of recall).
+        min_metric (`float`, *optional*, defaults to `0.0`):
+            Floor of the candidate's ``metric``.
+        min_memorization (`float`, *optional*, defaults to `0.9`):
+            Floor of the candidate's ``memorization``.
     """
 
     metric: str = "grace_R@10"
@@ -45,14 +54,23 @@ class Gate:
 class IncrementalGate:
     """When an incrementally trained candidate may replace the champion it started from.
 
-    The new images must be memorized (``new_memorization`` >= ``min_new_memorization``) and
-    retrievable (``new_<metric>`` >= ``min_new_metric``), and old-image ``metric`` may drop by
-    at most ``old_tolerance`` (absolute: 0.01 = one point) against the base model: both on the
-    old images' queries with the old images as gallery (``old_<metric>`` against
-    ``base_old_<metric>``), so what is compared is forgetting, not the new images crowding old
-    answers (``old_whole_gallery_<metric>``, reported but not gated). ``base_version``: the
-    champion it started from; if ``champion`` moved meanwhile, the comparison is stale and
-    nothing is promoted.
+    Old-image recall is compared on the old images' queries with the old images as gallery
+    (``old_<metric>`` against ``base_old_<metric>``), so what is compared is forgetting, not the
+    new images crowding old answers (``old_whole_gallery_<metric>``, reported but not gated).
+
+    Args:
+        metric (`str`, *optional*, defaults to `"grace_R@10"`):
+            The evaluation metric gated, on old and on new images.
+        old_tolerance (`float`, *optional*, defaults to `0.01`):
+            How far old-image ``metric`` may drop against the base model; absolute (0.01 = one
+            point).
+        min_new_memorization (`float`, *optional*, defaults to `0.9`):
+            Floor of ``new_memorization``: the new images must be memorized.
+        min_new_metric (`float`, *optional*, defaults to `0.0`):
+            Floor of ``new_<metric>``: the new images must be retrievable.
+        base_version (`str`, *optional*):
+            The champion version the update started from; if ``champion`` moved meanwhile, the
+            comparison is stale and nothing is promoted.
     """
 
     metric: str = "grace_R@10"
@@ -68,6 +86,8 @@ class IncrementalGate:
 
 @dataclass
 class GateDecision:
+    """A gate's verdict: whether to promote, the reasons, and the champion compared against."""
+
     promote: bool
     reasons: list[str] = field(default_factory=list)
     champion_version: str | None = None
@@ -157,6 +177,8 @@ def check_incremental_gate(
 
 @dataclass
 class Registration:
+    """A registered model version and the gate's decision on it."""
+
     name: str
     version: str
     model_uri: str
@@ -194,11 +216,11 @@ def resolve_model(uri: str) -> tuple[str, str, dict[str, str], str]:
 
 
 def download_grace_model(name: str, version: str, dst: str | os.PathLike) -> Path:
-    """The saved GraceModel folder of a registered version (its pyfunc's weights artifact)."""
+    """The saved GraceRetriever folder of a registered version (its pyfunc's weights artifact)."""
     import mlflow
 
-    from grace import mlflow_model
-    from grace.modeling_grace import GRACE_FILE
+    from grace.retrieval.retriever import GRACE_FILE
+    from grace.workflow import pyfunc as mlflow_model
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dst))
     found = local / "artifacts" / mlflow_model.ARTIFACT
@@ -244,7 +266,7 @@ def register(
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from grace import mlflow_model
+    from grace.workflow import pyfunc as mlflow_model
 
     if mlflow.active_run() is None:
         raise GraceError("register needs an active MLflow run")

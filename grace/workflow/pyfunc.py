@@ -2,8 +2,8 @@
 
 MLflow's "models from code": this file is stored with the model and run at load time, so no
 pickled Python object is in the registry; the weights, processor and identifier map are the
-``grace_model`` artifact (a saved :class:`~grace.modeling_grace.GraceModel` folder). Serving needs
-the ``grace`` package installed (the project image), e.g.
+``grace_model`` artifact (a saved :class:`~grace.retrieval.retriever.GraceRetriever` folder).
+Serving needs the ``grace`` package installed (the project image), e.g.
 ``mlflow models serve -m models:/grace@champion --env-manager local``.
 """
 
@@ -21,8 +21,11 @@ DEFAULT_PARAMS = {"k": 5, "num_beams": 10}
 
 
 def queries_of(model_input: Any) -> list[str]:
-    """Queries from what pyfunc callers send: a DataFrame with a ``query`` column (or one
-    column), a list of strings, a single string, or ``{"query": [...]}``."""
+    """The queries in what a pyfunc caller sends.
+
+    Accepted: a DataFrame with a ``query`` column (or one column), a list of strings, a single
+    string, or ``{"query": [...]}``.
+    """
     if isinstance(model_input, pd.DataFrame):
         column = "query" if "query" in model_input.columns else model_input.columns[0]
         values = model_input[column].tolist()
@@ -43,9 +46,9 @@ class GraceRetrievalModel(mlflow.pyfunc.PythonModel):
     """Text queries in; each query's top-k images (key, path, identifier, score) out."""
 
     def load_context(self, context: Any) -> None:
-        from grace.modeling_grace import GraceModel
+        from grace.retrieval.retriever import GraceRetriever
 
-        self.grace = GraceModel.load(context.artifacts[ARTIFACT])
+        self.grace = GraceRetriever.load(context.artifacts[ARTIFACT])
 
     def predict(
         self, context: Any, model_input: Any, params: dict[str, Any] | None = None

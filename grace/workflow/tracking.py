@@ -45,8 +45,11 @@ def local_store(folder: str | os.PathLike, experiment: str = "grace") -> Trackin
 
 
 def for_uri(uri: str, experiment: str = "grace") -> Tracking:
-    """Tracking to ``uri``; a SQLite file store keeps its artifacts in ``artifacts/`` beside
-    the database (MLflow would otherwise use ./mlruns of the working directory)."""
+    """Tracking to ``uri``.
+
+    A SQLite file store keeps its artifacts in ``artifacts/`` beside the database (MLflow would
+    otherwise use ./mlruns of the working directory).
+    """
     artifacts = None
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///")).resolve()
@@ -178,8 +181,10 @@ class StepRun:
             mlflow.log_metrics(clean, step=step, run_id=self.parent_id)
 
     def log_artifact(self, path: str | os.PathLike, dest: str) -> None:
-        """Log file ``path`` as artifact ``dest`` (``folder/name.ext``): KFP's artifact files
-        have no extension, and the MLflow UI picks its viewer by the name."""
+        """Log file ``path`` as artifact ``dest`` (``folder/name.ext``).
+
+        KFP's artifact files have no extension, and the MLflow UI picks its viewer by the name.
+        """
         if not self.active:
             return
         import shutil

@@ -38,8 +38,11 @@ STATE_VERSION = 1
 
 @dataclass(frozen=True)
 class PollResult:
-    """What one poll did: ``action`` is ``ran``, ``failed``, ``unchanged`` (data as handled
-    last), ``seen`` (head already handled) or ``no-data`` (the head has no data file)."""
+    """What one poll did.
+
+    ``action`` is ``ran``, ``failed``, ``unchanged`` (data as handled last), ``seen`` (head
+    already handled) or ``no-data`` (the head has no data file).
+    """
 
     revision: str
     action: str

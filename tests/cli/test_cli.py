@@ -202,7 +202,7 @@ def test_model_commands_refuse_bad_input_with_one_line_and_exit_2(cli_run, tmp_p
     r = grace("retrieve", "a red circle", "--model", tmp_path / "nowhere")
     assert r.exit_code == 2 and len(error_lines(r)) == 1 and "nowhere" in r.output
     with pytest.MonkeyPatch.context() as mp:  # refused before a minute of baseline training
-        mp.setattr("grace.cli._embedder", lambda *a: pytest.fail("trained a baseline first"))
+        mp.setattr("grace.cli.model._embedder", lambda *a: pytest.fail("trained a baseline first"))
         r = grace("evaluate", "--model", model, "--data", data, "--out", tmp_path, "--gallery", "x")
     assert r.exit_code == 2 and len(error_lines(r)) == 1 and "gallery" in r.output
     ids = work / "ids.json"

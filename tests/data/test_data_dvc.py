@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from grace.cli import app
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 ENV = {
     **os.environ,
     "DVC_NO_ANALYTICS": "1",

@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from grace.errors import InvalidInputError
-from grace.imageset import (
+from grace.data.imageset import (
     Limits,
     load_records,
     read_manifest,
@@ -22,6 +21,7 @@ from grace.imageset import (
     summarize,
     write_manifest,
 )
+from grace.errors import InvalidInputError
 
 
 def png(colour=(200, 10, 10), size=(8, 8)) -> bytes:

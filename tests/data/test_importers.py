@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from grace.data.importers import import_folder, import_karpathy
 from grace.errors import InvalidInputError
-from grace.importers import import_folder, import_karpathy
 
 
 def png(colour, size=(6, 5)) -> bytes:

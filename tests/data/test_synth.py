@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from grace.imageset import scan_image_set
-from grace.synth import COLOURS, SHAPES, synthesize
+from grace.data.imageset import scan_image_set
+from grace.data.synth import COLOURS, SHAPES, synthesize
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from grace.cli import app
-from grace.synth import synthesize
-from grace.validation import validate_image_set
+from grace.data.synth import synthesize
+from grace.data.validation import validate_image_set
 
 N = 50
 

@@ -16,10 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from grace.cli import app
-from grace.errors import GraceError, InvalidInputError
-from grace.imageset import scan_image_set, write_caption_rows
-from grace.synth import synthesize
-from grace.versioning import (
+from grace.data.imageset import scan_image_set, write_caption_rows
+from grace.data.synth import synthesize
+from grace.data.versioning import (
     add_images,
     commit_data,
     configure_remote,
@@ -28,6 +27,7 @@ from grace.versioning import (
     pull,
     push,
 )
+from grace.errors import GraceError, InvalidInputError
 
 ACCESS_KEY = "AKIAGRACETESTONLY0001"
 SECRET_KEY = "grace-test-secret-never-in-a-file"

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from grace.data.synth import synthesize
 from grace.errors import GraceError
-from grace.evaluation import evaluate, held_out_queries, recall_at_k, write_report
+from grace.evaluation.metrics import evaluate, held_out_queries, recall_at_k
+from grace.evaluation.reports import write_report
 from grace.identifiers import assign_identifiers
-from grace.modeling_grace import Hit
-from grace.synth import synthesize
+from grace.retrieval.retriever import Hit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +48,7 @@ def half_held_out(tmp_path_factory):
 
 
 class ScriptedModel:
-    """Stands in for a GraceModel with answers fixed in advance, so every metric is known:
+    """Stands in for a GraceRetriever with answers fixed in advance, so every metric is known:
     queries of test image 0 rank it first, of image 1 second, of image 2 not at all; it knows
     the identifier of every image except test image 2."""
 

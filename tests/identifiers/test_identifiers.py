@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from grace.data.records import ImageRecord
 from grace.errors import InvalidInputError
 from grace.identifiers import SCHEME_NAMES, IdentifierMap, assign_identifiers
-from grace.records import ImageRecord
 
 
 class HashEmbedder:
@@ -168,7 +168,7 @@ def test_structured_map_from_before_the_tokens_parameter_keeps_level_tokens(tmp_
 
 
 def test_structured_node_tokens_tokenize_one_token_per_node():
-    from grace.identifier_index import IdentifierIndex, default_tokenizer
+    from grace.retrieval.index import IdentifierIndex, default_tokenizer
 
     recs = make_records(120)
     m = assign("structured", recs, k=4, c=5)

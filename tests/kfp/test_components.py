@@ -12,22 +12,22 @@ from pathlib import Path
 import pytest
 from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
-from components.assign_identifiers import assign_identifiers
-from components.evaluate import evaluate
-from components.memorize import memorize
-from components.register import register
-from components.retrieve import retrieve
-from components.validate_data import validate_data
+from grace.data.imageset import scan_image_set
+from grace.data.synth import synthesize
 from grace.errors import InvalidInputError
 from grace.identifiers import IdentifierMap
-from grace.imageset import scan_image_set
-from grace.modeling_grace import GraceModel
-from grace.synth import synthesize
-from grace.tracking import local_store
+from grace.retrieval.retriever import GraceRetriever
+from grace.workflow.tracking import local_store
+from grace_kfp.components.assign_identifiers import assign_identifiers
+from grace_kfp.components.evaluate import evaluate
+from grace_kfp.components.memorize import memorize
+from grace_kfp.components.register import register
+from grace_kfp.components.retrieve import retrieve
+from grace_kfp.components.validate_data import validate_data
 
 pytestmark = pytest.mark.slow
 TRAIN = {"epochs": 1, "batch_size": 16}
-ZERO2 = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json"
+ZERO2 = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero2.json"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def steps(tmp_path_factory):
         ("memorized", Model), ("model", Model), ("metrics", Metrics), ("metrics_json", Artifact),
         ("eval_report", HTML), ("decision", Artifact),
     ]}  # fmt: skip
-    from grace.tracking import experiment_id
+    from grace.workflow.tracking import experiment_id
 
     experiment_id(tracking)  # a SQLite store gets its artifact location up front
     out["revision"] = validate_data.python_func(
@@ -114,7 +114,7 @@ def test_assign_identifiers_gives_every_image_one_id(steps):
 def test_training_components_chain_memorize_into_retrieve(steps):
     assert steps["memorized"].metadata["stage"] == "memorize"
     assert steps["model"].metadata["stage"] == "retrieve" and steps["model"].metadata["steps"] > 0
-    gm = GraceModel.load(steps["model"].path)
+    gm = GraceRetriever.load(steps["model"].path)
     assert gm.info["train_config"]["retrieve_task"] is True
     assert gm.info["train_config"]["backbone"] == steps["memorized"].path
 
@@ -138,7 +138,7 @@ def test_memorize_trains_in_two_processes_and_logs_rank_zeros_curve(steps, tmp_p
     named only by its URI keeps its artifacts beside the database, not in ./mlruns."""
     from mlflow import MlflowClient
 
-    from grace.tracking import PIPELINE_KEY_TAG
+    from grace.workflow.tracking import PIPELINE_KEY_TAG
 
     monkeypatch.chdir(tmp_path)
     uri = local_store(tmp_path / "mlflow", experiment="dp").uri  # no experiment created yet
@@ -151,7 +151,7 @@ def test_memorize_trains_in_two_processes_and_logs_rank_zeros_curve(steps, tmp_p
         dataset=steps["dataset"], identifiers=steps["ids"], backbone="lite", settings=settings,
         model=model, processes=2, tracking_uri=uri, experiment="dp", pipeline_key="dp",
     )  # fmt: skip
-    gm = GraceModel.load(model.path)
+    gm = GraceRetriever.load(model.path)
     assert gm.info["world_size"] == 2 and gm.info["complete"]
     assert model.metadata["steps"] == gm.info["steps"] > 0
     client = MlflowClient(uri)

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from grace import pipeline_steps as steps
-from grace.imageset import CAPTIONS_FILE, read_manifest
-from grace.modeling_grace import GraceModel
-from grace.registry import CHAMPION, Gate, IncrementalGate, download_grace_model
-from grace.synth import synthesize
-from grace.tracking import Tracking
-from grace.versioning import commit_data
-from pipelines.operations import run_local
-from tests.conftest import SMALL_BACKBONE
-from tests.servers import mlflow_server
+from grace.data.imageset import CAPTIONS_FILE, read_manifest
+from grace.data.synth import synthesize
+from grace.data.versioning import commit_data
+from grace.retrieval.retriever import GraceRetriever
+from grace.workflow import steps
+from grace.workflow.model_registry import CHAMPION, Gate, IncrementalGate, download_grace_model
+from grace.workflow.tracking import Tracking
+from grace_kfp.pipelines.operations import run_local
+from tests.fixtures.servers import mlflow_server
+from tests.fixtures.training import SMALL_BACKBONE
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "incremental-test"
@@ -169,8 +169,8 @@ def test_incremental_run_registers_a_version_linked_to_its_base(world, increment
     assert "old images (old gallery)" in report and "old images (whole gallery)" in report
 
     # the registered model: old ids kept, the removed image's id retired, never answered
-    base_map = GraceModel.load(download_grace_model("grace", base_version, tmp / "b")).id_map
-    new = GraceModel.load(download_grace_model("grace", champion.version, tmp / "c"))
+    base_map = GraceRetriever.load(download_grace_model("grace", base_version, tmp / "b")).id_map
+    new = GraceRetriever.load(download_grace_model("grace", champion.version, tmp / "c"))
     removed = set(base_map.ids) - set(new.id_map.ids)
     assert len(removed) == 1 and removed <= set(new.id_map.retired)
     for key in set(base_map.ids) & set(new.id_map.ids):

@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 from grace.cli import app
 from grace.errors import GraceError
-from pipelines import operations
-from pipelines.operations import COMPILED, compile_pipeline, pipeline_arguments
-from tests.kfp_api_standin import KfpApiStandIn, cached_tasks
-from tests.servers import BIN, free_port
+from grace_kfp.pipelines import operations
+from grace_kfp.pipelines.operations import COMPILED, compile_pipeline, pipeline_arguments
+from tests.fixtures.kfp_api_standin import KfpApiStandIn, cached_tasks
+from tests.fixtures.servers import BIN, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(operations.pipelines()))

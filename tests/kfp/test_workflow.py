@@ -16,15 +16,15 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from grace.cli import app
+from grace.data.imageset import read_manifest
+from grace.data.synth import synthesize
+from grace.data.versioning import commit_data
 from grace.errors import GraceError
-from grace.imageset import read_manifest
-from grace.pipeline_steps import MANIFEST, StepContext, register
-from grace.registry import CHALLENGER, CHAMPION, Gate
-from grace.synth import synthesize
-from grace.tracking import PIPELINE_KEY_TAG, Tracking
-from grace.versioning import commit_data
-from pipelines.operations import run_local
-from tests.servers import mlflow_server, model_server
+from grace.workflow.model_registry import CHALLENGER, CHAMPION, Gate
+from grace.workflow.steps import MANIFEST, StepContext, register
+from grace.workflow.tracking import PIPELINE_KEY_TAG, Tracking
+from grace_kfp.pipelines.operations import run_local
+from tests.fixtures.servers import mlflow_server, model_server
 
 pytestmark = pytest.mark.slow
 

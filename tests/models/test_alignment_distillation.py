@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grace.alignment_distillation import (
-    PAD,
-    IdGallery,
-    distillation_loss,
-    gold_sequences,
-    soft_id_targets,
-)
-from grace.task_examples import IGNORE_INDEX
+from grace.constants import IGNORE_INDEX
+from grace.models.lite.losses import PAD, distillation_loss, gold_sequences, soft_id_targets
+from grace.training.distillation import IdGallery
 
 E = 9  # EOS of these hand-made identifiers
 SEQUENCES = torch.tensor([[5, 6, E], [5, 7, E], [8, E, PAD]])  # three images

@@ -11,19 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from grace.configuration_dual_encoder import DualEncoderConfig
-from grace.embedding import (
+from grace.data.records import ImageRecord
+from grace.errors import GraceError
+from grace.identifiers.base import ImageEmbedder
+from grace.models.dual_encoder.configuration import DualEncoderConfig
+from grace.models.dual_encoder.modeling import DualEncoder, build_vocab, split_words
+from grace.models.dual_encoder.training import clip_loss, train_dual_encoder
+from grace.models.embedders import (
     ClipEmbedder,
     DualEncoderEmbedder,
-    ImageEmbedder,
     _features,
     dense_rank,
     make_embedder,
 )
-from grace.errors import GraceError
-from grace.modeling_dual_encoder import DualEncoder, build_vocab, split_words
-from grace.records import ImageRecord
-from grace.training_dual_encoder import clip_loss, train_dual_encoder
 
 COLOURS = {
     "red": (220, 30, 30),

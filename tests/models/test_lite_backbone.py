@@ -10,25 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
-from grace.alignment_distillation import IdGallery, distillation_loss
-from grace.beam_search import generate_beam_search, trie_beam_search
-from grace.configuration_grace import LiteBackboneConfig, Prompts, TrainConfig
-from grace.identifier_index import IdentifierIndex
+from grace.data.synth import synthesize
 from grace.identifiers import assign_identifiers
-from grace.modeling_backbone import load_backbone
-from grace.modeling_grace import GraceModel
-from grace.modeling_grace_lite import GraceLiteForConditionalGeneration, build_lite_backbone
-from grace.processing_grace_lite import IMAGE_TOKEN, SENTENCE_TOKEN, GraceLiteProcessor
-from grace.synth import synthesize
-from grace.task_examples import (
-    ImageInputs,
-    TextInputs,
-    build_examples,
-    collate,
-    retrieve_turn,
-    user_turn,
-)
-from grace.training_grace import train
+from grace.models.factory import load_backbone
+from grace.models.lite.configuration_lite import LiteBackboneConfig
+from grace.models.lite.losses import distillation_loss
+from grace.models.lite.modeling_lite import GraceLiteForConditionalGeneration, build_lite_backbone
+from grace.models.lite.processing_lite import IMAGE_TOKEN, SENTENCE_TOKEN, GraceLiteProcessor
+from grace.models.prompts import Prompts, retrieve_turn, user_turn
+from grace.retrieval.beam_search import generate_beam_search, trie_beam_search
+from grace.retrieval.index import IdentifierIndex
+from grace.retrieval.retriever import GraceRetriever
+from grace.training import train
+from grace.training.config import TrainConfig
+from grace.training.distillation import IdGallery
+from grace.training.examples import ImageInputs, TextInputs, build_examples, collate
 
 SMALL_LITE = LiteBackboneConfig(hidden=64, layers=1, heads=2, vocab_size=400)
 
@@ -112,7 +108,7 @@ def test_processors_saved_before_query_words_keep_reading_words(backbone, tmp_pa
     """A checkpoint's processor JSON without the setting was trained on word prompts."""
     import json
 
-    from grace.processing_grace_lite import PROCESSOR_FILE
+    from grace.models.lite.processing_lite import PROCESSOR_FILE
 
     _, processor = backbone
     processor.save_pretrained(tmp_path)
@@ -141,7 +137,7 @@ def test_trie_search_prefills_features_fused_and_ranks_as_generate(
     ``prompt_embeddings``, and still rank as ``generate`` does (left-padded batch)."""
     import numpy as np
 
-    from grace.trie import Trie
+    from grace.retrieval.trie import Trie
 
     model, processor = backbone
     root, records = lite_set
@@ -256,7 +252,7 @@ def test_train_memorizes_and_retrieves_with_the_lite_backbone(lite_set, tmp_path
         num_threads=1,
     )
     gm = train(records, root, id_map, tmp_path / "run", cfg, progress=False)
-    loaded = GraceModel.load(tmp_path / "run" / "model")
+    loaded = GraceRetriever.load(tmp_path / "run" / "model")
     pics = _images(root, records)
     hits = loaded.recall_identifiers(pics)
     assert [h.key for h in hits] == [r.key for r in records]

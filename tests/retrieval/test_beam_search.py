@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grace.beam_search import generate_beam_search, trie_beam_search
-from grace.trie import Trie
+from grace.retrieval.beam_search import generate_beam_search, trie_beam_search
+from grace.retrieval.trie import Trie
 
 EOS, PAD = 3, 1
 
@@ -53,7 +53,7 @@ def _both(model, inputs, trie, beams, max_new, fused=True):
 
 
 def test_plain_llama_gets_fused_steps(llama):
-    from grace.llama_steps import LlamaSteps
+    from grace.retrieval.fused_llama import LlamaSteps
 
     assert LlamaSteps.of(llama) is not None
     llama.train()
@@ -98,8 +98,8 @@ def test_constraining_from_nodes_follows_the_processor_rules(vocab, removed):
     may emit EOS, rows whose allowed tokens all score -inf get them at finfo.min / 2, tokens
     past the vocabulary and removed ids are not allowed), and each allowed token leads to the
     node ``advance`` finds."""
-    from grace.beam_search import _constrain
-    from grace.trie import constrain_scores
+    from grace.retrieval.beam_search import _constrain
+    from grace.retrieval.trie import constrain_scores
 
     ids = _ids(40, seed=4)
     trie = Trie(ids, eos_token_id=EOS)
@@ -123,8 +123,8 @@ def test_fused_weights_follow_the_model_and_run_with_or_without_onednn(llama, mo
     """The cached fused copy is reused while the weights stay, rebuilt once they change in
     place; oneDNN's prepacked matmuls and plain ``F.linear`` (what the CPU probe may pick, and
     what a GPU gets) rank alike."""
-    from grace import llama_steps
-    from grace.llama_steps import LlamaSteps
+    from grace.retrieval import fused_llama as llama_steps
+    from grace.retrieval.fused_llama import LlamaSteps
 
     steps = LlamaSteps.of(llama)
     assert LlamaSteps.of(llama) is steps
@@ -209,18 +209,17 @@ def test_no_trie_is_plain_beam_search(llama):
 
 @pytest.mark.slow
 def test_grace_model_ranks_alike_with_semantic_ids_and_images(tmp_path):
-    from grace.configuration_grace import TinyBackboneConfig
+    from grace.data.synth import synthesize
     from grace.identifiers import assign_identifiers
-    from grace.modeling_backbone import build_tiny_backbone
-    from grace.modeling_grace import GraceModel
-    from grace.synth import synthesize
+    from grace.models.tiny import TinyBackboneConfig, build_tiny_backbone
+    from grace.retrieval.retriever import GraceRetriever
 
     records = synthesize(tmp_path / "d", n=10, seed=3)
     id_map = assign_identifiers(records, "semantic", params={"id_splits": ["train", "test"]})
     assert any(len(v) > 1 for v in id_map.ids.values())  # several ids for an image
     texts = [c for r in records for c in r.captions]
     model, processor = build_tiny_backbone(texts, TinyBackboneConfig(text_layers=1), seed=1)
-    gm = GraceModel(model, processor, id_map, records)
+    gm = GraceRetriever(model, processor, id_map, records)
     queries = ["a red circle", "two large blue squares on the left of a yellow cross"]
     images = [Image.open(tmp_path / "d" / r.path).convert("RGB") for r in records[:3]]
     new = (gm.retrieve(queries, k=5, num_beams=6), gm.recall_identifiers(images, num_beams=3))
@@ -289,7 +288,7 @@ def test_bench_times_the_lite_backbone_and_its_sentence_encoding(tmp_path):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
 def test_packing_probe_follows_the_faster_matmul(monkeypatch):
     """The probe packs only when oneDNN's matmul is clearly the faster one here."""
-    from grace import llama_steps
+    from grace.retrieval import fused_llama as llama_steps
 
     weights = [torch.randn(48, 32), torch.randn(60, 48)]
     slow = lambda x, w: time.sleep(2e-4)  # noqa: E731
@@ -302,8 +301,8 @@ def test_packing_probe_follows_the_faster_matmul(monkeypatch):
 
 def test_rebuilt_fused_weights_keep_the_probed_matmul_path(llama, monkeypatch):
     """Changed weights rebuild the fused copy on the path chosen before, without a new probe."""
-    from grace import llama_steps
-    from grace.llama_steps import LlamaSteps
+    from grace.retrieval import fused_llama as llama_steps
+    from grace.retrieval.fused_llama import LlamaSteps
 
     calls = []
     monkeypatch.setattr(llama_steps, "_packed_matmuls", lambda like: True)

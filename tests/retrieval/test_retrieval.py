@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from grace.data.synth import synthesize
 from grace.errors import GraceError
-from grace.identifier_index import IdentifierIndex, default_tokenizer
 from grace.identifiers import SCHEME_NAMES, IdentifierMap, assign_identifiers
-from grace.modeling_backbone import add_identifier_vocabulary, build_tiny_backbone
-from grace.modeling_grace import GraceModel
-from grace.synth import synthesize
+from grace.models.backbone import add_identifier_vocabulary
+from grace.models.tiny import build_tiny_backbone
+from grace.retrieval.index import IdentifierIndex, default_tokenizer
+from grace.retrieval.retriever import GraceRetriever
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ODD_QUERIES = ["a red circle", "zebra on the moon", "0 1 2", "<img_3>", "x"]
@@ -28,13 +29,13 @@ class RandomEmbedder:
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def random_init_model(records, id_map: IdentifierMap, backbone) -> GraceModel:
+def random_init_model(records, id_map: IdentifierMap, backbone) -> GraceRetriever:
     """A never-trained GRACE model: its scores say nothing, so only the trie keeps it valid."""
     texts = [c for r in records for c in r.captions]
     texts += [id_map.token_text(i) for i, _ in id_map.identifiers()]
     model, processor = build_tiny_backbone(texts, backbone, seed=1)
     add_identifier_vocabulary(model, processor, id_map.new_tokens())
-    return GraceModel(model, processor, id_map, records)
+    return GraceRetriever(model, processor, id_map, records)
 
 
 def load_images(root, records) -> list[Image.Image]:
@@ -79,7 +80,7 @@ def test_random_init_model_returns_only_live_ids_and_never_retired_ones(
 
     retired = [r.key for r in records[::2]]
     smaller = id_map.remove(retired)
-    gm_smaller = GraceModel(gm.model, gm.processor, smaller, records)
+    gm_smaller = GraceRetriever(gm.model, gm.processor, smaller, records)
     rows = gm_smaller.retrieve(queries, k=10, num_beams=10)
     assert_live(rows, smaller, 10)
     assert not {h.key for row in rows for h in row} & set(retired)
@@ -98,7 +99,7 @@ def test_trained_model_never_returns_retired_images(memorized):
     before = gm.retrieve(queries, k=1, num_beams=3)
     assert sum(row[0].key in retired for row in before) >= len(queries) // 2
     smaller = memorized.id_map.remove(retired)
-    gm2 = GraceModel(gm.model, gm.processor, smaller, records, gm.prompts)
+    gm2 = GraceRetriever(gm.model, gm.processor, smaller, records, gm.prompts)
     rows = gm2.retrieve(queries, k=5, num_beams=5)
     assert_live(rows, smaller, 5)
     assert not {h.key for row in rows for h in row} & set(retired)
@@ -165,7 +166,7 @@ def test_describe_known_ids_and_refuse_unknown_ones(memorized):
     assert gm.describe(ids[:1]) == texts[:1]  # deterministic, batch-independent
     with pytest.raises(GraceError, match="unknown identifier '4242'"):
         gm.describe([ids[0], "4242"])
-    retired = GraceModel(
+    retired = GraceRetriever(
         gm.model, gm.processor, memorized.id_map.remove([records[0].key]), records, gm.prompts
     )
     with pytest.raises(GraceError, match=f"unknown identifier '{ids[0]}'"):

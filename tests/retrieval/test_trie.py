@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grace.trie import Trie, TrieLogitsProcessor
+from grace.retrieval.trie import Trie, TrieLogitsProcessor
 
 EOS = 3
 VOCAB = 12  # tokens 0..11 with EOS = 3 among them: EOS sorts between other tokens

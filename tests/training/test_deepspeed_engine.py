@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grace.deepspeed_engine import (
+from grace.training.engine import (
     DeepSpeedTrainEngine,
     PlainEngine,
     TrainEngine,
@@ -25,7 +25,7 @@ from grace.deepspeed_engine import (
     resolve_ds_config,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 ZERO2, ZERO3 = CONFIGS / "zero2.json", CONFIGS / "zero3.json"
 LR, CLIP, STEPS = 3e-2, 0.5, 4
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")

@@ -15,15 +15,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grace.configuration_grace import LiteBackboneConfig, TrainConfig
-from grace.distributed_training import shard
+from grace.data.synth import synthesize
 from grace.errors import GraceError
 from grace.identifiers import assign_identifiers
-from grace.modeling_grace import GraceModel
-from grace.synth import synthesize
-from grace.training_grace import train
+from grace.models.lite.configuration_lite import LiteBackboneConfig
+from grace.retrieval.retriever import GraceRetriever
+from grace.training import train
+from grace.training.config import TrainConfig
+from grace.training.distributed import shard
 
-ZERO2 = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json"
+ZERO2 = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero2.json"
 
 
 @given(
@@ -81,7 +82,7 @@ def test_two_processes_follow_the_one_process_loss_curve(memorize_set, tmp_path)
     assert [s for s, _ in curves[1]] == [s for s, _ in curves[2]]
     for (_, one), (_, two) in zip(curves[1], curves[2], strict=True):
         assert two == pytest.approx(one, rel=1e-4)
-    saved = GraceModel.load(tmp_path / "p2" / "model")  # rank 0 wrote it, whole
+    saved = GraceRetriever.load(tmp_path / "p2" / "model")  # rank 0 wrote it, whole
     assert saved.info["world_size"] == 2 and saved.info["complete"]
 
 

@@ -10,23 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grace.configuration_grace import TrainConfig
+from grace.data.records import ImageRecord
+from grace.data.synth import synthesize
 from grace.errors import GraceError
+from grace.evaluation.incremental import evaluate_old_new
 from grace.identifiers import IdentifierMap, assign_identifiers
-from grace.incremental import (
+from grace.retrieval.retriever import GraceRetriever
+from grace.training.config import TrainConfig
+from grace.training.incremental import (
     ReplayConfig,
     UpdatePlan,
     continue_training,
-    evaluate_old_new,
     plan_update,
     training_set,
     update_identifiers,
 )
-from grace.modeling_grace import GraceModel
-from grace.records import ImageRecord
-from grace.registry import IncrementalGate, check_incremental_gate
-from grace.synth import synthesize
-from tests.conftest import SMALL_BACKBONE
+from grace.workflow.model_registry import IncrementalGate, check_incremental_gate
+from tests.fixtures.training import SMALL_BACKBONE
 
 
 def _cfg(epochs: int, lr: float) -> TrainConfig:
@@ -50,15 +50,15 @@ class Increment:
     before: list[ImageRecord]  # the base model's set
     after: list[ImageRecord]  # the set now: first image removed, four added
     base_dir: Path
-    base: GraceModel
+    base: GraceRetriever
     plan: UpdatePlan
     id_map: IdentifierMap
-    candidate: GraceModel
+    candidate: GraceRetriever
 
 
 @pytest.fixture(scope="module")
 def increment(tmp_path_factory, one_thread) -> Increment:
-    from grace.training_grace import train
+    from grace.training import train
 
     tmp = tmp_path_factory.mktemp("incremental")
     records = synthesize(tmp / "data", n=20, seed=11, test_fraction=0.25)
@@ -66,7 +66,7 @@ def increment(tmp_path_factory, one_thread) -> Increment:
     train(before, tmp / "data", assign_identifiers(before, "numeric"), tmp / "base", _cfg(40, 3e-3),
           progress=False)  # fmt: skip
     base_dir = tmp / "base" / "model"
-    base = GraceModel.load(base_dir)
+    base = GraceRetriever.load(base_dir)
     plan = plan_update(base, after)
     id_map = update_identifiers(base.id_map, plan, after)
     candidate = continue_training(
@@ -99,7 +99,7 @@ def test_old_ids_unchanged_new_ids_fresh_removed_ids_retired(increment):
     for key in inc.plan.added:
         assert not set(inc.id_map.ids[key]) & old.issued()
     # the saved candidate carries the whole set and the updated map
-    saved = GraceModel.load(inc.root.parent / "candidate")
+    saved = GraceRetriever.load(inc.root.parent / "candidate")
     assert saved.id_map.to_dict() == inc.id_map.to_dict()
     assert {r.key for r in saved.records} == {r.key for r in inc.after}
 
@@ -150,14 +150,14 @@ def test_old_images_are_compared_with_the_base_in_the_base_s_gallery(increment):
     """``old_*``: the candidate restricted to the old images (the new ones out of its trie), the
     base restricted the same way (the removed image out of its trie): one gallery for both.
     ``old_whole_gallery_*``: the candidate as a user searches it, new images included."""
-    from grace.evaluation import evaluate
+    from grace.evaluation.metrics import evaluate
 
     inc = increment
     m = evaluate_old_new(inc.candidate, inc.after, inc.root, inc.plan, base=inc.base)
     old = [r for r in inc.after if r.key in set(inc.plan.kept)]
 
-    def scored(gm: GraceModel, leave_out: list[str]) -> dict[str, float]:
-        within = GraceModel(gm.model, gm.processor, gm.id_map.remove(leave_out), gm.records,
+    def scored(gm: GraceRetriever, leave_out: list[str]) -> dict[str, float]:
+        within = GraceRetriever(gm.model, gm.processor, gm.id_map.remove(leave_out), gm.records,
                             gm.prompts)  # fmt: skip
         return evaluate(within, old, inc.root).metrics
 
@@ -182,7 +182,7 @@ def test_a_removal_alone_needs_no_training(increment, tmp_path):
     )
     assert gm.info["steps"] == 0
     before = dict(inc.base.model.named_parameters())
-    for name, p in GraceModel.load(tmp_path / "m").model.named_parameters():
+    for name, p in GraceRetriever.load(tmp_path / "m").model.named_parameters():
         assert torch.equal(p, before[name]), name
     hits = gm.retrieve([c for r in inc.before[:2] for c in r.captions], k=14, num_beams=14)
     assert not {h.key for row in hits for h in row} & {r.key for r in inc.before[:2]}
@@ -251,11 +251,11 @@ class LiteBase:
     before: list[ImageRecord]  # the base's 10 images
     after: list[ImageRecord]  # the 10 and 4 new ones
     cfg: TrainConfig
-    base: GraceModel
+    base: GraceRetriever
 
     def update(
         self, out: Path, replay: ReplayConfig, cfg: TrainConfig | None = None
-    ) -> tuple[GraceModel, UpdatePlan]:
+    ) -> tuple[GraceRetriever, UpdatePlan]:
         """Continue from the base on ``after``; with no ``cfg``, the base's settings at 150
         epochs and lr 1e-2, exactly (``rows_training`` cleared)."""
         if cfg is None:
@@ -267,9 +267,9 @@ class LiteBase:
                                  id_map, plan, out, cfg, replay)  # fmt: skip
         return cand, plan
 
-    def memorized(self, gm: GraceModel, records: list[ImageRecord]) -> list[str | None]:
+    def memorized(self, gm: GraceRetriever, records: list[ImageRecord]) -> list[str | None]:
         """The key of the image each image's memorized id names (whole gallery)."""
-        from grace.evaluation import _load
+        from grace.evaluation.metrics import _load
 
         found = gm.recall_identifiers([_load(self.root, r) for r in records])
         return [h.key if h else None for h in found]
@@ -278,8 +278,8 @@ class LiteBase:
 @pytest.fixture(scope="module")
 def lite_base(tmp_path_factory, one_thread) -> LiteBase:
     """A small lite backbone with atomic ids that memorized its 10 images; 4 more arrive."""
-    from grace.configuration_grace import LiteBackboneConfig
-    from grace.training_grace import train
+    from grace.models.lite.configuration_lite import LiteBackboneConfig
+    from grace.training import train
 
     tmp = tmp_path_factory.mktemp("lite_increment")
     records = synthesize(tmp / "data", n=14, seed=2, test_fraction=0.25)
@@ -293,7 +293,7 @@ def lite_base(tmp_path_factory, one_thread) -> LiteBase:
                       pseudo_queries="off")  # fmt: skip
     train(before, tmp / "data", assign_identifiers(before, "atomic"), tmp / "base", cfg,
           progress=False)  # fmt: skip
-    base = GraceModel.load(tmp / "base" / "model")
+    base = GraceRetriever.load(tmp / "base" / "model")
     lb = LiteBase(tmp / "data", before, records, cfg, base)
     assert lb.memorized(base, before) == [r.key for r in before]
     return lb
@@ -354,7 +354,7 @@ def test_the_default_update_of_atomic_ids_trains_the_new_rows_alone(lite_base, t
     rows train, with ``rows_training`` in place of the pipeline-style settings given (lr 5e-4
     would barely move a fresh row), replay at its minimum (8), every other old image a cached
     negative; the old images keep their ids and the new ones get theirs."""
-    from grace.incremental import ROWS_TRAINING
+    from grace.training.incremental import ROWS_TRAINING
 
     lb = lite_base
     whole_model = replace(lb.cfg, epochs=20, lr=5e-4, warmup_steps=10)
@@ -374,7 +374,7 @@ def test_the_default_update_of_atomic_ids_trains_the_new_rows_alone(lite_base, t
 
 @pytest.mark.slow
 def test_negatives_need_every_other_weight_frozen(lite_base, tmp_path):
-    from grace.training_grace import train
+    from grace.training import train
 
     lb = lite_base
     with pytest.raises(GraceError, match="set train_rows_from"):
@@ -398,10 +398,10 @@ def test_cached_negatives_are_the_model_s_own_cross_entropy(lite_base):
     those examples (the same positions, the whole vocabulary), an example listed twice (as
     ``memorize_repeats`` lists it) counted twice but run once, and only rows ``start:`` get a
     gradient from it."""
-    from grace.cached_negatives import cache_negatives
-    from grace.identifier_index import IdentifierIndex
-    from grace.modeling_backbone import tokenizer_of
-    from grace.task_examples import ImageInputs, TextInputs, build_examples, collate
+    from grace.models.backbone import tokenizer_of
+    from grace.retrieval.index import IdentifierIndex
+    from grace.training.cached_negatives import cache_negatives
+    from grace.training.examples import ImageInputs, TextInputs, build_examples, collate
 
     lb = lite_base
     model, processor = lb.base.model, lb.base.processor

@@ -8,14 +8,17 @@ import json
 import pytest
 import torch
 
-from grace.configuration_grace import LiteBackboneConfig, TrainConfig
+from grace.data.synth import synthesize
 from grace.errors import GraceError
 from grace.identifiers import assign_identifiers
-from grace.modeling_grace_lite import build_lite_backbone
-from grace.pseudo_queries import nearest_captions, resolve_source
-from grace.synth import synthesize
-from grace.task_examples import ImageInputs, TextInputs, user_turn
-from grace.training_grace import STATE_FILE, train
+from grace.models.lite.configuration_lite import LiteBackboneConfig
+from grace.models.lite.modeling_lite import build_lite_backbone
+from grace.models.prompts import user_turn
+from grace.training import train
+from grace.training.config import TrainConfig
+from grace.training.examples import ImageInputs, TextInputs
+from grace.training.loop import STATE_FILE
+from grace.training.pseudo_queries import nearest_captions, resolve_source
 
 SMALL_LITE = LiteBackboneConfig(hidden=64, layers=1, heads=2, vocab_size=400)
 
@@ -73,7 +76,7 @@ def test_nearest_gives_at_most_as_many_captions_as_there_are(lite):
 def test_source_auto_is_nearest_only_where_the_backbone_aligns(lite, small_backbone):
     _, _, model, _ = lite
     assert resolve_source("auto", model) == "nearest"
-    from grace.modeling_backbone import build_tiny_backbone
+    from grace.models.tiny import build_tiny_backbone
 
     tiny, _ = build_tiny_backbone(["a red disc"], small_backbone, seed=0)
     assert resolve_source("auto", tiny) == "off"

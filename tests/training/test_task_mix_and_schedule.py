@@ -7,13 +7,14 @@ from collections import Counter
 
 import pytest
 
-from grace.configuration_grace import TinyBackboneConfig, TrainConfig
-from grace.identifier_index import IdentifierIndex
+from grace.data.synth import synthesize
 from grace.identifiers import assign_identifiers
-from grace.modeling_backbone import add_identifier_vocabulary, build_tiny_backbone, tokenizer_of
-from grace.synth import synthesize
-from grace.task_examples import ImageInputs, build_examples
-from grace.training_grace import _lr
+from grace.models.backbone import add_identifier_vocabulary, tokenizer_of
+from grace.models.tiny import TinyBackboneConfig, build_tiny_backbone
+from grace.retrieval.index import IdentifierIndex
+from grace.training.config import TrainConfig
+from grace.training.examples import ImageInputs, build_examples
+from grace.training.schedule import get_lr
 
 TINY = TinyBackboneConfig(
     image_size=32, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, heads=2
@@ -78,17 +79,17 @@ def test_dotted_settings_set_one_backbone_field_and_unknown_ones_are_named():
 def test_schedule_anneals_by_time_when_the_budget_is_wall_clock():
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_seconds=100.0)
     total = 10_000  # far more steps than the budget will allow
-    assert _lr(5, total, cfg, seconds=1.0) == pytest.approx(1e-3 * 6 / 10)  # warm-up
-    assert _lr(20, total, cfg, seconds=50.0) == pytest.approx(0.5e-3, rel=1e-6)  # half the time
-    assert _lr(30, total, cfg, seconds=100.0) == pytest.approx(0.0, abs=1e-12)  # budget spent
-    assert _lr(30, total, cfg, seconds=50.0) < _lr(30, total, cfg, seconds=10.0)
+    assert get_lr(5, total, cfg, seconds=1.0) == pytest.approx(1e-3 * 6 / 10)  # warm-up
+    assert get_lr(20, total, cfg, seconds=50.0) == pytest.approx(0.5e-3, rel=1e-6)  # half the time
+    assert get_lr(30, total, cfg, seconds=100.0) == pytest.approx(0.0, abs=1e-12)  # budget spent
+    assert get_lr(30, total, cfg, seconds=50.0) < get_lr(30, total, cfg, seconds=10.0)
 
 
 def test_schedule_without_budget_follows_steps_only():
     cfg = TrainConfig(lr=1e-3, warmup_steps=10)
     total = 110
-    assert _lr(60, total, cfg, seconds=1e9) == pytest.approx(0.5e-3, rel=1e-6)
-    assert _lr(110, total, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert get_lr(60, total, cfg, seconds=1e9) == pytest.approx(0.5e-3, rel=1e-6)
+    assert get_lr(110, total, cfg) == pytest.approx(0.0, abs=1e-12)
     # steps running out first still decide, even with time left
     budget = TrainConfig(lr=1e-3, warmup_steps=10, max_seconds=1e6)
-    assert _lr(60, total, budget, seconds=1.0) == pytest.approx(0.5e-3, rel=1e-6)
+    assert get_lr(60, total, budget, seconds=1.0) == pytest.approx(0.5e-3, rel=1e-6)

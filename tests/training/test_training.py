@@ -13,18 +13,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import grace.training_grace as training_grace
-from grace.configuration_grace import TrainConfig
-from grace.deepspeed_engine import DeepSpeedTrainEngine, PlainEngine
-from grace.identifier_index import IdentifierIndex
+from grace.data.synth import synthesize
 from grace.identifiers import assign_identifiers
-from grace.modeling_backbone import add_identifier_vocabulary, build_tiny_backbone, tokenizer_of
-from grace.modeling_grace import GraceModel
-from grace.synth import synthesize
-from grace.training_grace import train
+from grace.models.backbone import add_identifier_vocabulary, tokenizer_of
+from grace.models.tiny import build_tiny_backbone
+from grace.retrieval.index import IdentifierIndex
+from grace.retrieval.retriever import GraceRetriever
+from grace.training import loop, train
+from grace.training.config import TrainConfig
+from grace.training.engine import DeepSpeedTrainEngine, PlainEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ZERO2 = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json"
+ZERO2 = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero2.json"
 
 
 def load_images(root: Path, records) -> list[Image.Image]:
@@ -61,7 +61,7 @@ def test_memorizes_every_image_and_retrieves_its_training_queries(memorized):
 
 @pytest.mark.slow
 def test_saved_model_loads_and_answers_like_the_trained_one(memorized):
-    loaded = GraceModel.load(memorized.out / "model")
+    loaded = GraceRetriever.load(memorized.out / "model")
     assert loaded.info["complete"] and loaded.info["steps"] == len(memorized.metrics)
     assert [r.key for r in loaded.records] == [r.key for r in memorized.records]
     queries = [r.captions[0] for r in memorized.records]
@@ -105,7 +105,7 @@ def test_training_with_atomic_ids_saves_the_grown_vocabulary(small_backbone, tmp
         backbone="tiny", tiny=small_backbone, epochs=1, batch_size=8, checkpoint_every=0
     )
     train(records, tmp_path / "d", id_map, tmp_path / "run", cfg, progress=False)
-    gm = GraceModel.load(tmp_path / "run" / "model")
+    gm = GraceRetriever.load(tmp_path / "run" / "model")
     assert gm.model.get_input_embeddings().weight.shape[0] == len(gm.tokenizer)
     for ident, _ in id_map.identifiers():
         assert len(gm.tokenizer(ident, add_special_tokens=False)["input_ids"]) == 1, ident
@@ -193,7 +193,7 @@ def test_checkpoint_killed_while_written_is_never_resumed_from(
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005"]
     # what a non-atomic writer would have left: a step folder without its loop position
     (out / "checkpoints" / "step-00000009" / "engine").mkdir(parents=True)
-    assert training_grace._latest_checkpoint(out).name == "step-00000005"
+    assert loop._latest_checkpoint(out).name == "step-00000005"
 
     resumed_from = []
     real_load = PlainEngine.load_checkpoint
@@ -227,17 +227,15 @@ def test_every_rank_writes_its_shards_into_the_same_checkpoint_folder(tmp_path):
     """A per-rank temporary folder would keep only one rank's optimizer shards: the run could
     not resume. All ranks save into one hidden folder that only rank 0 renames into place."""
     main, other = RankEngine(is_main=True), RankEngine(is_main=False)
-    training_grace._save_checkpoint(main, tmp_path, 7, (0, 7), None, keep=2, seconds=1.5)
+    loop._save_checkpoint(main, tmp_path, 7, (0, 7), None, keep=2, seconds=1.5)
     assert main.calls == ["barrier", "save .step-00000007.partial", "barrier", "barrier"]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000007"]
-    state = json.loads(
-        (tmp_path / "checkpoints" / "step-00000007" / training_grace.STATE_FILE).read_text()
-    )
+    state = json.loads((tmp_path / "checkpoints" / "step-00000007" / loop.STATE_FILE).read_text())
     assert state["step"] == 7 and state["seconds"] == 1.5  # a resumed run keeps its time budget
     (tmp_path / "checkpoints" / ".step-00000008.partial").mkdir()  # as rank 0 makes it
-    training_grace._save_checkpoint(other, tmp_path, 8, (0, 8), None, keep=2, seconds=2.0)
+    loop._save_checkpoint(other, tmp_path, 8, (0, 8), None, keep=2, seconds=2.0)
     assert other.calls == main.calls[:1] + ["save .step-00000008.partial", "barrier", "barrier"]
-    assert training_grace._latest_checkpoint(tmp_path).name == "step-00000007"  # rank 0's job
+    assert loop._latest_checkpoint(tmp_path).name == "step-00000007"  # rank 0's job
 
 
 # ---- DeepSpeed ZeRO-2 through the real loop ---------------------------------------------------
@@ -274,20 +272,20 @@ def test_zero2_trains_through_the_loop_like_plain_adamw(dist_env, small_backbone
         torch.testing.assert_close(zero2[k], plain[k], rtol=1e-4, atol=1e-5, msg=k)
 
     engines = []
-    real_make = training_grace.make_engine
+    real_make = loop.make_engine
 
     def spy(*a, **kw):
         engines.append(real_make(*a, **kw))
         return engines[-1]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training_grace, "make_engine", spy)
+        mp.setattr(loop, "make_engine", spy)
         mix = replace(cfg, deepspeed=str(ZERO2), epochs=1)
         gm = train(records, tmp_path / "d", id_map, tmp_path / "mix", mix, progress=False)
     engine = engines[0]
     assert isinstance(engine, DeepSpeedTrainEngine) and engine.model.zero_optimization_stage() == 2
     assert gm.info["complete"]
-    loaded = GraceModel.load(tmp_path / "mix" / "model")
+    loaded = GraceRetriever.load(tmp_path / "mix" / "model")
     hits = loaded.retrieve([records[0].captions[0]], k=3, num_beams=3)[0]
     assert hits and all(h.key in id_map.ids for h in hits)
 

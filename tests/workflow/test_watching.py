@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from grace.cli import app
 from grace.errors import GraceError
-from grace.watching import Watcher, remote_head
-from tests.kfp_api_standin import cached_tasks
+from grace.workflow.watcher import Watcher, remote_head
+from tests.fixtures.kfp_api_standin import cached_tasks
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",

@@ -1,8 +1,8 @@
 """Settings of the small image-text dual encoder (architecture, vocabulary, training budget).
 
 A plain dataclass, so it round-trips through the JSON saved beside the weights and can be logged
-as run parameters as is. The defaults were picked on the 1000-image demo set with a 60 s budget
-on 2 CPU cores (``bench/bench_dual_encoder.py``).
+as run parameters as is. The defaults were picked on the demo set within the default time budget
+(``bench/bench_dual_encoder.py``, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -15,12 +15,59 @@ TEXT_ENCODERS = ("gru", "transformer")
 
 @dataclass
 class DualEncoderConfig:
-    """Architecture and training settings of :class:`grace.modeling_dual_encoder.DualEncoder`."""
+    """Architecture and training settings of the dual encoder (:mod:`.modeling`).
 
-    # image tower: RGB resized to image_size, one conv block (two 3x3 convs + 2x2 pool) per width
+    The image tower resizes RGB images to ``image_size`` and runs one conv block (two 3x3 convs
+    + 2x2 pool) per width; the text tower is word embeddings + an order-aware encoder.
+
+    Args:
+        image_size (`int`, *optional*, defaults to `32`):
+            Side in pixels images are resized to; divisible by ``2**len(widths)``.
+        widths (`tuple[int, ...]`, *optional*, defaults to `(32, 64, 128)`):
+            Channels of each conv block of the image tower.
+        text_encoder (`str`, *optional*, defaults to `"gru"`):
+            The text tower's encoder: `"gru"` or `"transformer"`.
+        word_dim (`int`, *optional*, defaults to `128`):
+            Width of the word embeddings.
+        text_width (`int`, *optional*, defaults to `128`):
+            Width of the text encoder.
+        text_layers (`int`, *optional*, defaults to `1`):
+            Layers of the text encoder.
+        text_heads (`int`, *optional*, defaults to `4`):
+            Attention heads of the transformer text encoder (must divide ``text_width``).
+        max_words (`int`, *optional*, defaults to `32`):
+            Words of a text kept; the rest are cut.
+        min_word_count (`int`, *optional*, defaults to `1`):
+            Occurrences in the captions a word needs to enter the vocabulary.
+        embed_dim (`int`, *optional*, defaults to `128`):
+            Width of the shared, L2-normalised embedding space.
+        temperature (`float`, *optional*, defaults to `0.07`):
+            Initial temperature; the logit scale 1/temperature is learned.
+        max_logit_scale (`float`, *optional*, defaults to `100.0`):
+            Upper clamp of the learned logit scale.
+        steps (`int`, *optional*, defaults to `3000`):
+            Upper bound on optimizer steps; ``max_seconds`` usually ends training first.
+        max_seconds (`float`, *optional*, defaults to `60.0`):
+            Training budget in seconds; `None`: only ``steps`` ends it.
+        batch_size (`int`, *optional*, defaults to `256`):
+            Image-caption pairs per step (at least 2: the other pairs are the negatives).
+        lr (`float`, *optional*, defaults to `2e-3`):
+            Peak learning rate.
+        weight_decay (`float`, *optional*, defaults to `0.05`):
+            AdamW weight decay.
+        warmup_steps (`int`, *optional*, defaults to `20`):
+            Optimizer steps of linear warm-up.
+        shift_pixels (`int`, *optional*, defaults to `1`):
+            Random translation of training images, kept small because positions are words in
+            the captions.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the init and the batches.
+        num_threads (`int`, *optional*):
+            Torch intra-op threads while training; `None`: leave as is.
+    """
+
     image_size: int = 32
     widths: tuple[int, ...] = (32, 64, 128)
-    # text tower: word embeddings + an order-aware encoder ("gru" or "transformer")
     text_encoder: str = "gru"
     word_dim: int = 128
     text_width: int = 128
@@ -28,20 +75,18 @@ class DualEncoderConfig:
     text_heads: int = 4
     max_words: int = 32
     min_word_count: int = 1
-    # shared space
     embed_dim: int = 128
-    temperature: float = 0.07  # initial; the logit scale 1/temperature is learned
+    temperature: float = 0.07
     max_logit_scale: float = 100.0
-    # training
-    steps: int = 3000  # upper bound on optimizer steps; max_seconds usually ends training first
+    steps: int = 3000
     max_seconds: float | None = 60.0
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
-    shift_pixels: int = 1  # random translation of training images (small: positions are words)
+    shift_pixels: int = 1
     seed: int = 0
-    num_threads: int | None = None  # torch intra-op threads while training (None: leave as is)
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from grace.atomic_io import atomic_dir, write_json
-from grace.configuration_dual_encoder import DualEncoderConfig
+from grace.models.dual_encoder.configuration import DualEncoderConfig
 
 PAD, UNK = "<pad>", "<unk>"
 WEIGHTS_NAME = "model.safetensors"

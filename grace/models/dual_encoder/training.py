@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from grace.configuration_dual_encoder import DualEncoderConfig
+from grace.data.records import ImageRecord
 from grace.errors import GraceError
-from grace.modeling_dual_encoder import DualEncoder, build_vocab, load_image_array
-from grace.records import ImageRecord
+from grace.models.dual_encoder.configuration import DualEncoderConfig
+from grace.models.dual_encoder.modeling import DualEncoder, build_vocab, load_image_array
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
@@ -45,9 +46,11 @@ def training_pairs(records: Sequence[ImageRecord]) -> list[ImageRecord]:
 
 
 def clip_loss(logits: torch.Tensor, same_text: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over image-to-text ``logits``; ``same_text[i, j]`` marks identical
-    captions, which count as positives too (a short caption shared by several images in a batch
-    is not a negative for any of them)."""
+    """Symmetric InfoNCE over image-to-text ``logits``.
+
+    ``same_text[i, j]`` marks identical captions, which count as positives too (a short caption
+    shared by several images in a batch is not a negative for any of them).
+    """
     t = same_text.float()
     t = t / t.sum(1, keepdim=True)
     return 0.5 * (F.cross_entropy(logits, t) + F.cross_entropy(logits.T, t))
@@ -73,37 +76,12 @@ def train_dual_encoder(
             f"training a dual encoder needs at least 2 train-split images with captions, "
             f"got {len(pairs)}"
         )
-    root = Path(root)
     t_start = time.perf_counter()
     with _threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-
-        captions = [[c for c in r.captions if c.strip()] for r in pairs]
-        model = DualEncoder(
-            cfg, build_vocab((c for cs in captions for c in cs), cfg.min_word_count)
-        )
-        pixels = torch.from_numpy(
-            np.stack([load_image_array(root / r.path, cfg.image_size) for r in pairs])
-        )
-        flat = [c for cs in captions for c in cs]
-        tokens = model.tokenize(flat)
-        # identical captions (after tokenization) share one id, for the loss's positives mask
-        seen: dict[tuple[int, ...], int] = {}
-        text_id = torch.tensor([seen.setdefault(tuple(t), len(seen)) for t in tokens.tolist()])
-        offsets = torch.tensor([0, *np.cumsum([len(cs) for cs in captions])[:-1].tolist()])
-        counts = torch.tensor([len(cs) for cs in captions])
-
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            (no_decay if p.ndim < 2 or name == "logit_scale" else decay).append(p)
-        opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
-        )
+        model, data = _Pairs.load(pairs, Path(root), cfg)
+        opt = _optimizer(model, cfg)
         n = len(pairs)
         bs = min(cfg.batch_size, n)
         per_epoch = max(1, n // bs)  # drop the ragged tail: tiny last batches make noisy InfoNCE
@@ -116,25 +94,16 @@ def train_dual_encoder(
         try:
             while step < cfg.steps:
                 elapsed = time.perf_counter() - t_start
-                frac = step / cfg.steps
-                if cfg.max_seconds is not None:
-                    if elapsed >= cfg.max_seconds:
-                        break
-                    frac = max(frac, elapsed / cfg.max_seconds)
-                lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-                lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+                if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+                    break
+                lr = _lr(step, elapsed, cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
 
                 b = step % per_epoch
                 if b == 0 and step > 0:
                     perm = torch.randperm(n, generator=gen)
-                idx = perm[b * bs : (b + 1) * bs]
-                pick = offsets[idx] + (torch.rand(len(idx), generator=gen) * counts[idx]).long()
-                ids = tokens[pick]
-                ids = ids[:, : int((ids != 0).sum(1).max())]
-                img = _shift(pixels[idx], cfg.shift_pixels, gen)
-                same = text_id[pick][:, None] == text_id[pick][None, :]
+                img, ids, same = data.batch(perm[b * bs : (b + 1) * bs], cfg.shift_pixels, gen)
 
                 loss = clip_loss(model(img, ids), same)
                 opt.zero_grad(set_to_none=True)
@@ -157,9 +126,82 @@ def train_dual_encoder(
     return model.eval()
 
 
+@dataclass
+class _Pairs:
+    """The training pairs, preloaded: every image once, every caption tokenized once."""
+
+    pixels: torch.Tensor
+    """``(images, 3, size, size)`` uint8."""
+    tokens: torch.Tensor
+    """``(captions, length)`` every caption of every image, image by image."""
+    text_id: torch.Tensor
+    """``(captions,)`` identical captions (after tokenization) share one id."""
+    offsets: torch.Tensor
+    """``(images,)`` each image's first caption in ``tokens``."""
+    counts: torch.Tensor
+    """``(images,)`` its number of captions."""
+
+    @classmethod
+    def load(
+        cls, pairs: Sequence[ImageRecord], root: Path, cfg: DualEncoderConfig
+    ) -> tuple[DualEncoder, _Pairs]:
+        """A fresh model, its vocabulary built from the captions, and the pairs it trains on."""
+        captions = [[c for c in r.captions if c.strip()] for r in pairs]
+        model = DualEncoder(
+            cfg, build_vocab((c for cs in captions for c in cs), cfg.min_word_count)
+        )
+        pixels = torch.from_numpy(
+            np.stack([load_image_array(root / r.path, cfg.image_size) for r in pairs])
+        )
+        tokens = model.tokenize([c for cs in captions for c in cs])
+        # identical captions share one id, for the loss's positives mask
+        seen: dict[tuple[int, ...], int] = {}
+        text_id = torch.tensor([seen.setdefault(tuple(t), len(seen)) for t in tokens.tolist()])
+        offsets = torch.tensor([0, *np.cumsum([len(cs) for cs in captions])[:-1].tolist()])
+        counts = torch.tensor([len(cs) for cs in captions])
+        return model, cls(pixels, tokens, text_id, offsets, counts)
+
+    def batch(
+        self, idx: torch.Tensor, max_shift: int, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images ``idx``, shifted, with one sampled caption each; which captions are the same."""
+        pick = self.offsets[idx] + (torch.rand(len(idx), generator=gen) * self.counts[idx]).long()
+        ids = self.tokens[pick]
+        ids = ids[:, : int((ids != 0).sum(1).max())]
+        img = _shift(self.pixels[idx], max_shift, gen)
+        same = self.text_id[pick][:, None] == self.text_id[pick][None, :]
+        return img, ids, same
+
+
+def _optimizer(model: DualEncoder, cfg: DualEncoderConfig) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases, norms and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name == "logit_scale" else decay).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+
+
+def _lr(step: int, elapsed: float, cfg: DualEncoderConfig) -> float:
+    """Linear warm-up times a cosine decay over the steps or the seconds, whichever is nearer."""
+    frac = step / cfg.steps
+    if cfg.max_seconds is not None:
+        frac = max(frac, elapsed / cfg.max_seconds)
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+    return lr
+
+
 def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` pixels (edges replicated): a cheap augmentation
-    small enough to keep "top left" true."""
+    """Translate each image by up to ``max_shift`` pixels (edges replicated).
+
+    A cheap augmentation, small enough to keep "top left" true.
+    """
     if max_shift <= 0:
         return x
     n, _, h, w = x.shape

@@ -11,7 +11,7 @@ and returns what :class:`GraceLiteForConditionalGeneration` takes:
   a query the model never saw find its image. Words before the placeholder are also decoder
   tokens; words after it reach the decoder only through the feature. A query's words go after
   it unless ``query_words`` is on (:meth:`feature_query`): a query prompt is then one token, which
-  made training 3.5x faster and memorized structured ids where word tokens did not (BENCHMARKS.md).
+  trains much faster and memorized structured ids where word tokens did not (BENCHMARKS.md).
 
 Sentence features are cached by text, so a training run encodes each prompt once.
 """
@@ -29,7 +29,11 @@ from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
 from grace.atomic_io import write_json
-from grace.frozen_encoders import PACKAGED_TEXT_ENCODER, image_features, sentence_features
+from grace.models.lite.frozen_encoders import (
+    PACKAGED_TEXT_ENCODER,
+    image_features,
+    sentence_features,
+)
 
 PROCESSOR_FILE = "grace_lite_processor.json"
 IMAGE_TOKEN = "<image>"
@@ -37,6 +41,17 @@ SENTENCE_TOKEN = "<sentence>"
 
 
 class GraceLiteProcessor:
+    """A tokenizer plus the frozen encoders, called like any Hugging Face processor.
+
+    Args:
+        tokenizer: The backbone's tokenizer; it must know ``<image>`` and ``<sentence>``.
+        image_size: Side in pixels images are resized to for the image encoder.
+        image_grid: Image tokens per side (``image_grid**2`` placeholders per image).
+        text_encoder: The packaged MiniLM's name, or a sentence encoder's path.
+        query_words: Whether a query's words are also decoder tokens (:meth:`feature_query`);
+            the default True is what processors saved before the setting existed did.
+    """
+
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
@@ -64,8 +79,11 @@ class GraceLiteProcessor:
 
     @staticmethod
     def feature_query(text: str) -> str:
-        """A prompt whose words the decoder reads only as their sentence feature (what
-        :func:`grace.task_examples.retrieve_turn` makes of a query when ``query_words`` is off)."""
+        """A prompt whose words the decoder reads only as their sentence feature.
+
+        It is what :func:`grace.models.prompts.retrieve_turn` makes of a query when
+        ``query_words`` is off.
+        """
         return SENTENCE_TOKEN + text
 
     # ---- features --------------------------------------------------------------------------

@@ -9,27 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from grace.configuration_dual_encoder import DualEncoderConfig
+from grace.data.records import ImageRecord
 from grace.errors import GraceError
-from grace.modeling_dual_encoder import DualEncoder
-from grace.records import ImageRecord
+from grace.identifiers.base import ImageEmbedder
+from grace.models.dual_encoder.configuration import DualEncoderConfig
+from grace.models.dual_encoder.modeling import DualEncoder
 
 EMBEDDER_SPECS = ("dual-encoder", "dual-encoder:PATH", "clip:PATH")
-
-
-@runtime_checkable
-class ImageEmbedder(Protocol):
-    """Images and texts into one space: float32 ``(n, d)`` rows of unit L2 norm."""
-
-    def embed_images(self, paths: list[Path]) -> np.ndarray: ...
-
-    def embed_texts(self, texts: list[str]) -> np.ndarray: ...
 
 
 class DualEncoderEmbedder:
@@ -126,7 +117,7 @@ def make_embedder(
     if kind == "dual-encoder" and not arg:
         from dataclasses import replace
 
-        from grace.training_dual_encoder import train_dual_encoder
+        from grace.models.dual_encoder.training import train_dual_encoder
 
         cfg = config or DualEncoderConfig()
         if max_seconds is not None:
@@ -140,8 +131,10 @@ def make_embedder(
 
 
 def dense_rank(text_emb: np.ndarray, image_emb: np.ndarray, k: int) -> np.ndarray:
-    """Brute-force retrieval: indices ``(n_texts, k)`` of the best images per text, best first
-    (ties broken by image index, so rankings are reproducible)."""
+    """Brute-force retrieval: indices ``(n_texts, k)`` of the best images per text, best first.
+
+    Ties are broken by image index, so rankings are reproducible.
+    """
     scores = np.asarray(text_emb, np.float32) @ np.asarray(image_emb, np.float32).T
     k = min(k, scores.shape[1])
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]

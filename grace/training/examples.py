@@ -24,42 +24,40 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
-from grace.configuration_grace import Prompts
-from grace.identifier_index import IdentifierIndex
-from grace.modeling_backbone import tokenizer_of
-from grace.records import ImageRecord
+from grace.constants import IGNORE_INDEX
+from grace.data.records import ImageRecord
+from grace.models.backbone import tokenizer_of
+from grace.models.prompts import Prompts, retrieve_turn, user_turn
+from grace.retrieval.index import IdentifierIndex
 
 TASKS = ("memorize", "retrieve", "describe", "caption")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class Example:
+    """One tokenized training example of one task.
+
+    Args:
+        task (`str`):
+            One of ``TASKS``.
+        input_ids (`tuple[int, ...]`):
+            The prompt, then the answer and EOS.
+        n_prompt (`int`):
+            The first ``n_prompt`` tokens get no loss.
+        image (`int`, *optional*):
+            Index into the set's :class:`ImageInputs`; `None`: a text-only prompt.
+        text (`int`, *optional*):
+            Index into the :class:`TextInputs` (a text-only prompt's extra tensors).
+        gold (`int`, *optional*):
+            The answer's image, for backbones with a query-image alignment.
+    """
+
     task: str
-    input_ids: tuple[int, ...]  # prompt, then answer and EOS
-    n_prompt: int  # the first n_prompt tokens get no loss
-    image: int | None = None  # index into the ImageInputs of the set
-    text: int | None = None  # index into the TextInputs (a text-only prompt's extra tensors)
-    gold: int | None = None  # the answer's image, for backbones with a query-image alignment
-
-
-def user_turn(processor: ProcessorMixin, text: str, with_image: bool) -> str:
-    """The prompt string of one user turn through the backbone's own chat template."""
-    content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
-    content.append({"type": "text", "text": text})
-    return processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
-
-
-def retrieve_turn(processor: ProcessorMixin, prompts: Prompts, query: str) -> str:
-    """The prompt of a text query, the same in training and at retrieval: a user turn, or for a
-    processor with ``query_words`` off (the lite backbone's default) a prompt whose words reach
-    the model only through the processor's sentence feature."""
-    text = prompts.retrieve.format(query=query)
-    if getattr(processor, "query_words", True):
-        return user_turn(processor, text, with_image=False)
-    return processor.feature_query(text)
+    input_ids: tuple[int, ...]
+    n_prompt: int
+    image: int | None = None
+    text: int | None = None
+    gold: int | None = None
 
 
 class ImageInputs:
@@ -106,8 +104,11 @@ class ImageInputs:
 
 
 class TextInputs:
-    """Token ids of each distinct text-only prompt, and any other tensors the processor gives
-    for it (the lite backbone's frozen sentence features), computed once per run in batches."""
+    """Token ids of each distinct text-only prompt, and any other tensors the processor gives.
+
+    The other tensors are e.g. the lite backbone's frozen sentence features; all are computed
+    once per run, in batches.
+    """
 
     def __init__(self, processor: ProcessorMixin):
         self.processor = processor
@@ -138,6 +139,7 @@ class TextInputs:
 
 
 def answer_ids(processor: ProcessorMixin, text: str) -> tuple[int, ...]:
+    """The token ids of an answer: ``text`` without special tokens, then EOS."""
     tok = tokenizer_of(processor)
     return (*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id)
 
@@ -155,14 +157,17 @@ def build_examples(
     texts: TextInputs | None = None,
     align: bool = False,
 ) -> list[Example]:
-    """Every example of the requested tasks. Queries and descriptions use train-split captions
-    only (held-out captions are the evaluation's); ``pseudo_queries`` (key -> texts) add
-    retrieve examples for images that have none.
+    """Every example of the requested tasks.
+
+    Queries and descriptions use train-split captions only (held-out captions are the
+    evaluation's); ``pseudo_queries`` (key -> texts) add retrieve examples for images that have
+    none.
 
     The task mix: each memorize example appears ``memorize_repeats`` times, and describe and
     caption use only the first ``side_task_captions`` captions of an image (None: all), so a
     short budget is not spent mostly on the side tasks. With ``align`` a retrieve example also
-    names its image (``gold``), for backbones that align queries with images."""
+    names its image (``gold``), for backbones that align queries with images.
+    """
     eos = tokenizer_of(processor).eos_token_id
     position = {r.key: i for i, r in enumerate(images.records)}
     ids_of: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
@@ -217,9 +222,12 @@ def build_examples(
 
 
 def plan_epoch(examples: Sequence[Example], batch_size: int, seed: int) -> list[list[int]]:
-    """Batches of one epoch: each batch holds one task and one modality (a text-only batch
-    carries no pixel values), and the batches of all tasks are shuffled together, so memorize
-    and retrieve steps interleave as in the paper. Deterministic for a seed."""
+    """Batches of one epoch, as lists of example indices; deterministic for a seed.
+
+    Each batch holds one task and one modality (a text-only batch carries no pixel values), and
+    the batches of all tasks are shuffled together, so memorize and retrieve steps interleave as
+    in the paper.
+    """
     rng = random.Random(seed)
     groups: dict[tuple[str, bool], list[int]] = {}
     for n, ex in enumerate(examples):
@@ -238,8 +246,11 @@ def collate(
     pad_token_id: int,
     texts: TextInputs | None = None,
 ) -> dict[str, Any]:
-    """Right-padded input ids, attention mask, labels (-100 on prompt and padding), image and
-    text-prompt tensors, and the answers' images as ``gold_*`` when the examples name them."""
+    """One batch of examples as model inputs.
+
+    Right-padded input ids, attention mask, labels (-100 on prompt and padding), image and
+    text-prompt tensors, and the answers' images as ``gold_*`` when the examples name them.
+    """
     width = max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

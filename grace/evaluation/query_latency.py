@@ -30,32 +30,59 @@ import numpy as np
 import torch
 from torch import nn
 
-from grace.beam_search import generate_beam_search, trie_beam_search
-from grace.configuration_dual_encoder import DualEncoderConfig
-from grace.configuration_grace import LiteBackboneConfig, Prompts, TinyBackboneConfig
-from grace.frozen_encoders import sentence_features
-from grace.modeling_backbone import build_tiny_backbone
-from grace.modeling_dual_encoder import DualEncoder, build_vocab
-from grace.modeling_grace_lite import build_lite_backbone
-from grace.synth import synthesize
-from grace.task_examples import retrieve_turn
-from grace.trie import Trie
+from grace.data.synth import synthesize
+from grace.models.dual_encoder.configuration import DualEncoderConfig
+from grace.models.dual_encoder.modeling import DualEncoder, build_vocab
+from grace.models.lite.configuration_lite import LiteBackboneConfig
+from grace.models.lite.frozen_encoders import sentence_features
+from grace.models.lite.modeling_lite import build_lite_backbone
+from grace.models.prompts import Prompts, retrieve_turn
+from grace.models.tiny import TinyBackboneConfig, build_tiny_backbone
+from grace.retrieval.beam_search import generate_beam_search, trie_beam_search
+from grace.retrieval.trie import Trie
 
 K = 10  # images returned per query, both sides
+
+
 BACKBONES = ("tiny", "lite")
 
 
 @dataclass
 class QueryBenchConfig:
-    backbone: str = "tiny"  # or "lite" (the product's default: its MiniLM encoding is timed too)
+    """Settings of one query-latency benchmark.
+
+    Args:
+        backbone (`str`, *optional*, defaults to `"tiny"`):
+            `"tiny"` or `"lite"` (the product's default, whose MiniLM encoding is timed too).
+        sizes (`list[int]`, *optional*, defaults to `[1_000, 10_000, 100_000, 1_000_000]`):
+            Catalog sizes (identifiers in the trie) to time.
+        num_beams (`int`, *optional*, defaults to `10`):
+            Beams of the GRACE search.
+        batch_size (`int`, *optional*, defaults to `16`):
+            Queries per call in the batched rows.
+        queries (`int`, *optional*, defaults to `16`):
+            Distinct queries timed (single-query rows take each in turn).
+        repeats (`int`, *optional*, defaults to `7`):
+            Rounds; every figure is a median over them.
+        threads (`int`, *optional*, defaults to `1`):
+            Torch (and FAISS) CPU threads.
+        reference (`bool`, *optional*, defaults to `True`):
+            Also time transformers' ``generate`` (the path before ``trie_beam_search``).
+        id_space (`int`, *optional*, defaults to `1_000_000`):
+            Ids are distinct random numbers below this.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the ids, the demo captions and the random init.
+    """
+
+    backbone: str = "tiny"
     sizes: list[int] = field(default_factory=lambda: [1_000, 10_000, 100_000, 1_000_000])
     num_beams: int = 10
-    batch_size: int = 16  # queries per call in the batched rows
-    queries: int = 16  # distinct queries timed (single-query rows take each in turn)
-    repeats: int = 7  # figures are medians over this many runs
+    batch_size: int = 16
+    queries: int = 16
+    repeats: int = 7
     threads: int = 1
-    reference: bool = True  # also time transformers' generate (the path before trie_beam_search)
-    id_space: int = 1_000_000  # ids are distinct random numbers below this
+    reference: bool = True
+    id_space: int = 1_000_000
     seed: int = 0
 
 
@@ -95,9 +122,11 @@ def linear_flops(model: nn.Module, fn: Callable[[], object]) -> int:
 
 
 def linear_gflops(model: nn.Module, rows: int = 160, repeats: int = 30) -> float:
-    """Rate (GFLOP/s) of this machine on the model's own ``nn.Linear`` weights, each applied to
-    ``rows`` rows in turn as a decode step does (weights streamed from memory included), median
-    of ``repeats`` passes: the rate that the arithmetic floor assumes."""
+    """Rate (GFLOP/s) of this machine on the model's own ``nn.Linear`` weights.
+
+    Each weight is applied to ``rows`` rows in turn as a decode step does (weights streamed from
+    memory included); the median of ``repeats`` passes is the rate the arithmetic floor assumes.
+    """
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
     flops = sum(2 * rows * w.numel() for w in weights)
@@ -113,6 +142,8 @@ def linear_gflops(model: nn.Module, rows: int = 160, repeats: int = 30) -> float
 
 @dataclass
 class Setup:
+    """What one benchmark times: the backbone, its query prompts, and the dual encoder."""
+
     model: nn.Module
     processor: Any
     queries: list[str]
@@ -318,10 +349,13 @@ def _floor(
     times: dict[int, dict[str, list[float]]],
     rates: dict[str, dict[int, list[float]]],
 ) -> dict[str, float]:
-    """The arithmetic of one query at the rate of the text model's own matmuls at the shape each
-    mode runs (``num_beams`` rows for one query, ``batch_size * num_beams`` batched; see
-    ``linear_gflops``, measured at each size in each round), and how far each search is from
-    it: the median over sizes and rounds of GRACE's time over the floor of the same turn."""
+    """The arithmetic floor of one query, and how far each search is from it.
+
+    The floor is the query's arithmetic at the rate of the text model's own matmuls at the shape
+    each mode runs (``num_beams`` rows for one query, ``batch_size * num_beams`` batched; see
+    ``linear_gflops``, measured at each size in each round). The distance is the median over
+    sizes and rounds of GRACE's time over the floor of the same turn.
+    """
     out: dict[str, float] = {"gflop_per_query": flops / 1e9}
     for mode, by_size in rates.items():
         pooled = [g for rate in by_size.values() for g in rate]
@@ -336,8 +370,11 @@ def _floor(
 
 
 def _overheads(times: dict[int, dict[str, list[float]]]) -> dict[str, float]:
-    """Trie overhead, single and batched: the median over sizes and rounds of GRACE's time over
-    the plain search's in the same round, minus one."""
+    """Trie overhead, single and batched.
+
+    The median over sizes and rounds of GRACE's time over the plain search's in the same round,
+    minus one.
+    """
     out = {}
     for mode in ("", "_batched"):
         ratios = [
@@ -371,8 +408,10 @@ def crossover(sizes: Sequence[int], grace_ms: Sequence[float], dense_ms: Sequenc
 
 
 def _crossovers(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Crossover of GRACE's search against each dense column; with a sentence encoder, also of
-    the whole query (encoding + search: ``..._with_encoder``)."""
+    """Crossover of GRACE's search against each dense column.
+
+    With a sentence encoder, also of the whole query (encoding + search: ``..._with_encoder``).
+    """
     sizes = [r["ids"] for r in rows]
     out = {}
     for mode in ("", "_batched"):
@@ -386,177 +425,3 @@ def _crossovers(rows: list[dict[str, Any]]) -> dict[str, float]:
                 whole = [g + r[f"encode{mode}_ms"] for g, r in zip(grace_ms, rows, strict=True)]
                 out[f"crossover_{dense}{mode}_with_encoder"] = crossover(sizes, whole, dense_ms)
     return out
-
-
-def plot_latency(results: dict[str, Any] | list[dict[str, Any]], path: str | Path) -> Path:
-    """PNG of per-query milliseconds against catalog size (log-log): every GRACE series of each
-    backbone's run, the dense series of the first run (the same method in each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = [results] if isinstance(results, dict) else results
-    grace_labels = {
-        "grace_ms": "trie beam search",
-        "grace_batched_ms": "batched",
-        "generate_ms": "via generate (before)",
-    }
-    dense_labels = {
-        "dense_ms": "dense brute force (torch)",
-        "dense_batched_ms": "dense brute force, batched",
-        "faiss_ms": "FAISS flat",
-        "faiss_batched_ms": "FAISS flat, batched",
-    }
-    kinds = [*grace_labels, "with_encoder", *dense_labels]
-    colours = {k: f"C{j}" for j, k in enumerate(kinds)}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, res in enumerate(results):
-        rows = res["rows"]
-        sizes = [r["ids"] for r in rows]
-        name = res["config"].get("backbone", "tiny")
-        series = {k: f"GRACE {name}, {v}" for k, v in grace_labels.items()}
-        if "encode_ms" in rows[0]:
-            series["with_encoder"] = f"GRACE {name} + MiniLM encoding"
-        if i == 0:
-            series.update(dense_labels)
-        for key, label in series.items():
-            if key == "with_encoder":
-                ys = [r["grace_ms"] + r["encode_ms"] for r in rows]
-            elif key in rows[0]:
-                ys = [r[key] for r in rows]
-            else:
-                continue
-            # a colour per kind of series, a marker and line per backbone
-            style = "--s" if key in dense_labels else ("-o" if i == 0 else "-.^")
-            ax.plot(sizes, ys, style, color=colours[key], label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("images in the catalog")
-    ax.set_ylabel("ms per query")
-    ax.set_title(f"Query latency, {results[0]['config']['threads']} thread(s)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def log_to_mlflow(result: dict[str, Any], png: Path, tracking_uri: str | None) -> str:
-    """One MLflow run: the settings as params, every figure as a metric, the plot as artifact."""
-    import mlflow
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("grace-bench")
-    with mlflow.start_run(run_name="query-latency") as run:
-        mlflow.log_params({k: str(v) for k, v in result["config"].items()})
-        metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
-        mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
-        for r in result["rows"]:
-            mlflow.log_metrics(
-                {k: float(v) for k, v in r.items() if k.endswith("_ms")}, step=int(r["ids"])
-            )
-        mlflow.log_artifact(str(png))
-        return run.info.run_id
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
-
-
-def markdown_report(results: list[dict[str, Any]]) -> str:
-    """Tables (one per backbone and thread count) and the targets of the issue, met or missed,
-    as markdown."""
-    lines = []
-    for res in results:
-        cfg, rows = res["config"], res["rows"]
-        has_gen, has_faiss = "generate_ms" in rows[0], "faiss_ms" in rows[0]
-        has_enc = "encode_ms" in rows[0]
-        lines += [
-            f"### {cfg.get('backbone', 'tiny')} backbone, {cfg['threads']} thread(s): "
-            f"{cfg['queries']} queries, {cfg['num_beams']} beams, batches of "
-            f"{cfg['batch_size']}, medians of {cfg['repeats']} interleaved rounds",
-            "",
-            "Milliseconds per query. *single*: one query per call; *batched*: "
-            f"{cfg['batch_size']} queries per call. *plain*: the same search without the trie."
-            + (
-                " *MiniLM*: the frozen sentence encoding a lite query pays before its search "
-                "(not in the GRACE columns)."
-                if has_enc
-                else ""
-            ),
-            "",
-        ]
-        head = ["ids", "steps", "GRACE single", "GRACE batched"]
-        if has_enc:
-            head += ["MiniLM single", "MiniLM batched"]
-        if has_gen:
-            head += ["generate single (before)", "speed-up", "generate batched", "speed-up"]
-        head += ["plain single", "trie overhead", "plain batched", "trie overhead"]
-        head += ["dense single", "dense batched"]
-        if has_faiss:
-            head += ["FAISS single", "FAISS batched"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-        for r in rows:
-            cells = [f"{r['ids']:,}", str(r["steps"])]
-            cells += [f"{r['grace_ms']:.2f}", f"{r['grace_batched_ms']:.2f}"]
-            if has_enc:
-                cells += [f"{r['encode_ms']:.2f}", f"{r['encode_batched_ms']:.2f}"]
-            if has_gen:
-                cells += [
-                    f"{r['generate_ms']:.2f}",
-                    f"{r['generate_ms'] / r['grace_ms']:.2f}x",
-                    f"{r['generate_batched_ms']:.2f}",
-                    f"{r['generate_batched_ms'] / r['grace_batched_ms']:.2f}x",
-                ]
-            cells += [
-                f"{r['plain_ms']:.2f}",
-                f"{100 * (r['grace_ms'] / r['plain_ms'] - 1):+.1f} %",
-                f"{r['plain_batched_ms']:.2f}",
-                f"{100 * (r['grace_batched_ms'] / r['plain_batched_ms'] - 1):+.1f} %",
-            ]
-            cells += [f"{r['dense_ms']:.2f}", f"{r['dense_batched_ms']:.2f}"]
-            if has_faiss:
-                cells += [f"{r['faiss_ms']:.2f}", f"{r['faiss_batched_ms']:.2f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-        first, last = rows[0], rows[-1]
-        lines += ["", "Targets:"]
-        for mode, label in (("", "single"), ("_batched", "batched")):
-            ratio = last[f"grace{mode}_ms"] / first[f"grace{mode}_ms"]
-            lines.append(
-                f"- GRACE {label} latency({last['ids']:,}) / latency({first['ids']:,}) = "
-                f"{ratio:.2f} (target <= 1.10): {_verdict(ratio <= 1.10)}."
-            )
-        for mode, label in (("", "single"), ("_batched", "batched")):
-            over = res[f"trie_overhead{mode}"]
-            lines.append(
-                f"- Trie masking overhead, {label} (median over sizes and rounds of the ratio "
-                f"within a round): {100 * over:+.1f} % (target <= 5 %): "
-                f"{_verdict(over <= 0.05)}."
-            )
-        for mode, label in (("", "single"), ("_batched", "batched")):
-            lines.append(
-                f"- Per-query cost against its floor, {label}: "
-                f"{res[f'grace{mode}_over_floor']:.1f}x the floor of "
-                f"{res[f'floor{mode}_ms']:.2f} ms ({res['gflop_per_query']:.3f} GFLOP of linear "
-                f"layers per query at {res[f'gflops{mode}']:.0f} GFLOP/s, the rate of the "
-                "model's own matmuls alone at this shape, measured each round) (target <= 2x): "
-                f"{_verdict(res[f'grace{mode}_over_floor'] <= 2)}."
-            )
-        for key in sorted(
-            (k for k in res if k.startswith("crossover_")), key=lambda k: (len(k), k)
-        ):
-            at = res[key]
-            text = "beyond 1e9" if at == float("inf") else f"~{at:,.0f}"
-            whole = key.endswith("_with_encoder")
-            what = key.removeprefix("crossover_").removesuffix("_with_encoder").replace("_", " ")
-            who = "GRACE + MiniLM encoding" if whole else "GRACE"
-            lines.append(
-                f"- Crossover, {who} against {what}: {text} images (target <= 300,000): "
-                f"{_verdict(at <= 300_000)}."
-            )
-        lines.append("")
-    return "\n".join(lines)

@@ -1,0 +1,12 @@
+"""Names and values every layer shares: the built-in backbone names and the loss's ignore index."""
+
+from __future__ import annotations
+
+TINY_BACKBONE = "tiny"
+"""``TrainConfig.backbone`` of the small Idefics3 built from a config (:mod:`grace.models.tiny`)."""
+
+LITE_BACKBONE = "lite"
+"""``TrainConfig.backbone`` of the default backbone (:mod:`grace.models.lite`)."""
+
+IGNORE_INDEX = -100
+"""Label of the tokens the loss skips (prompt and padding), as in transformers."""
