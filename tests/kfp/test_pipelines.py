@@ -251,7 +251,7 @@ def test_pipelines_only_wire_components():
     for path in (ROOT / "pipelines").glob("*_pipeline.py"):
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert imported <= {"kfp"} | {m for m in imported if m.startswith("components.")}
+        assert imported <= {"kfp"} | {m for m in imported if m.startswith("grace_kfp.components.")}
         # wiring only: every function in the file is a pipeline
         funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
         assert funcs and all(
