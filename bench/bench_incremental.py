@@ -42,7 +42,7 @@ from grace.data.synth import synthesize
 from grace.evaluation.incremental import evaluate_old_new
 from grace.evaluation.metrics import evaluate
 from grace.identifiers import assign_identifiers
-from grace.models.tiny import TinyBackboneConfig
+from grace.models.settings import TinyBackboneConfig
 from grace.retrieval.retriever import GraceRetriever
 from grace.training import train
 from grace.training.config import TrainConfig

@@ -27,8 +27,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "grace.configuration_grace": (
         "grace.training.config",
         "grace.models.prompts",
-        "grace.models.tiny",
-        "grace.models.lite.configuration_lite",
+        "grace.models.settings",
         "grace.constants",
     ),
     "grace.modeling_backbone": (
@@ -39,6 +38,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "grace.modeling_grace_lite": (
         "grace.models.lite.modeling_lite",
         "grace.models.lite.configuration_lite",
+        "grace.models.settings",
     ),
     "grace.processing_grace_lite": ("grace.models.lite.processing_lite",),
     "grace.frozen_encoders": ("grace.models.lite.frozen_encoders",),

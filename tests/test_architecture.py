@@ -26,25 +26,23 @@ def test_the_layers_and_the_kfp_boundary_are_kept():
     assert "0 broken" in result.stdout
 
 
-def test_an_upward_import_breaks_the_contract(tmp_path):
-    shutil.copytree(
-        ROOT / "grace", tmp_path / "grace", ignore=shutil.ignore_patterns("__pycache__")
-    )
+def _lint_a_copy_with(tmp_path: Path, module: str, line: str) -> subprocess.CompletedProcess:
+    """The contract run on a copy of ``grace/`` whose ``module`` (a path in it) gains ``line``."""
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "grace", tmp_path / "grace", ignore=skip)
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    records = tmp_path / "grace" / "data" / "records.py"
-    records.write_text(records.read_text() + "\nfrom grace.training import train  # noqa\n")
-    result = _lint_imports(tmp_path)
+    path = tmp_path / "grace" / module
+    path.write_text(path.read_text() + f"\n{line}  # noqa\n")
+    return _lint_imports(tmp_path)
+
+
+def test_an_upward_import_breaks_the_contract(tmp_path):
+    result = _lint_a_copy_with(tmp_path, "data/records.py", "from grace.training import train")
     assert result.returncode != 0
     assert "grace.data.records -> grace.training" in result.stdout
 
 
 def test_the_library_never_imports_kfp(tmp_path):
-    shutil.copytree(
-        ROOT / "grace", tmp_path / "grace", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    steps = tmp_path / "grace" / "workflow" / "tracking.py"
-    steps.write_text(steps.read_text() + "\nimport kfp  # noqa\n")
-    result = _lint_imports(tmp_path)
+    result = _lint_a_copy_with(tmp_path, "workflow/tracking.py", "import kfp")
     assert result.returncode != 0
     assert "grace.workflow.tracking -> kfp" in result.stdout

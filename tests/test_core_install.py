@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
 
     from grace import TrainConfig, assign_identifiers, train
     from grace.data.synth import synthesize
-    from grace.models.lite.configuration_lite import LiteBackboneConfig
+    from grace.models.settings import LiteBackboneConfig
 
     out = Path(sys.argv[1])
     records = synthesize(out / "data", n=6, seed=1, test_fraction=0.0)

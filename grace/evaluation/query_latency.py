@@ -33,18 +33,16 @@ from torch import nn
 from grace.data.synth import synthesize
 from grace.models.dual_encoder.configuration import DualEncoderConfig
 from grace.models.dual_encoder.modeling import DualEncoder, build_vocab
-from grace.models.lite.configuration_lite import LiteBackboneConfig
+from grace.models.factory import BUILT_IN, build_backbone
 from grace.models.lite.frozen_encoders import sentence_features
-from grace.models.lite.modeling_lite import build_lite_backbone
 from grace.models.prompts import Prompts, retrieve_turn
-from grace.models.tiny import TinyBackboneConfig, build_tiny_backbone
 from grace.retrieval.beam_search import generate_beam_search, trie_beam_search
 from grace.retrieval.trie import Trie
 
 K = 10  # images returned per query, both sides
 
 
-BACKBONES = ("tiny", "lite")
+BACKBONES = tuple(BUILT_IN)
 
 
 @dataclass
@@ -158,12 +156,7 @@ def build_setup(cfg: QueryBenchConfig) -> Setup:
     with tempfile.TemporaryDirectory() as tmp:
         records = synthesize(Path(tmp) / "d", n=max(64, cfg.queries), seed=cfg.seed)
     texts = [c for r in records for c in r.captions]
-    if cfg.backbone == "tiny":
-        model, processor = build_tiny_backbone(texts, TinyBackboneConfig(), seed=cfg.seed)
-    elif cfg.backbone == "lite":
-        model, processor = build_lite_backbone(texts, LiteBackboneConfig(), seed=cfg.seed)
-    else:
-        raise ValueError(f"backbone {cfg.backbone!r}: expected one of {BACKBONES}")
+    model, processor = build_backbone(cfg.backbone, texts, seed=cfg.seed)
     queries = [r.captions[0] for r in records][: cfg.queries]
     asks = [Prompts().retrieve.format(query=q) for q in queries]
     prompts = [retrieve_turn(processor, Prompts(), q) for q in queries]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from grace.identifiers.base import register_scheme
+from grace.identifiers.structured import StructuredScheme
 
 
 class NumberScheme:
@@ -123,4 +124,5 @@ class SemanticScheme:
 register_scheme(NumberScheme("numeric", digit_tokens=True))
 register_scheme(NumberScheme("string", digit_tokens=False))
 register_scheme(SemanticScheme())
+register_scheme(StructuredScheme())
 register_scheme(AtomicScheme())

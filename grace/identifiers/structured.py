@@ -33,7 +33,6 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from grace.errors import GraceError
-from grace.identifiers.base import register_scheme
 
 
 def _encode(a: np.ndarray) -> dict[str, Any]:
@@ -153,6 +152,3 @@ def _place(tree: dict[str, Any], e: np.ndarray, c: int) -> list[str]:
     parent["children"].append({"leaf": True, "next": 1})
     j = len(parent["children"]) - 1
     return [*path[:-1], f"{depth - 1}_{j}", f"{depth}_0"]
-
-
-register_scheme(StructuredScheme())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import ProcessorMixin
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
 
 
 @dataclass

@@ -6,7 +6,6 @@ Kept as the fast, fully-Hugging-Face test backbone (docs/training.md#backbones).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from transformers import (
     Idefics3Config,
@@ -17,55 +16,10 @@ from transformers import (
 )
 
 from grace.models.backbone import llama_text_config, seeded_model
+from grace.models.settings import TinyBackboneConfig
 from grace.models.tokenization import train_tokenizer
 
-
-@dataclass
-class TinyBackboneConfig:
-    """The offline test backbone: an Idefics3 (SmolVLM architecture) from a config, random init.
-
-    Idefics3's pixel shuffle cuts image tokens by ``scale_factor**2``: 64 px, patch 8 gives
-    64 patches and 16 image tokens.
-
-    Args:
-        image_size (`int`, *optional*, defaults to `64`):
-            Side in pixels of the images the vision tower reads.
-        patch_size (`int`, *optional*, defaults to `8`):
-            Side in pixels of one vision patch.
-        vision_hidden (`int`, *optional*, defaults to `128`):
-            Width of the vision tower (its MLP is twice as wide).
-        vision_layers (`int`, *optional*, defaults to `2`):
-            Layers of the vision tower.
-        text_hidden (`int`, *optional*, defaults to `256`):
-            Width of the Llama decoder.
-        text_layers (`int`, *optional*, defaults to `4`):
-            Layers of the Llama decoder.
-        heads (`int`, *optional*, defaults to `4`):
-            Attention heads, in both the vision tower and the decoder.
-        scale_factor (`int`, *optional*, defaults to `2`):
-            Pixel-shuffle factor: image tokens = patches / ``scale_factor**2``.
-        vocab_size (`int`, *optional*, defaults to `2000`):
-            Size of the BPE vocabulary trained on the run's texts.
-    """
-
-    image_size: int = 64
-    patch_size: int = 8
-    vision_hidden: int = 128
-    vision_layers: int = 2
-    text_hidden: int = 256
-    text_layers: int = 4
-    heads: int = 4
-    scale_factor: int = 2
-    vocab_size: int = 2000
-
-    @property
-    def image_seq_len(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 // self.scale_factor**2
-
-
 IDEFICS3_SPECIAL_TOKENS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
-
-
 # One user turn, then the answer. Enough for a model that never saw a chat format.
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}{% for c in m['content'] %}"

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from grace.data.records import ImageRecord
-from grace.identifiers import IdentifierMap
-from grace.retrieval.retriever import GraceRetriever
 from grace.training.config import TrainConfig
 from grace.training.distributed import MetricsCallback, launch_training, rank_and_world
-from grace.training.loop import train_loop
 
-__all__ = ["MetricsCallback", "TrainConfig", "train", "train_loop"]
+if TYPE_CHECKING:
+    from grace.data.records import ImageRecord
+    from grace.identifiers import IdentifierMap
+    from grace.retrieval.retriever import GraceRetriever
+
+__all__ = ["MetricsCallback", "TrainConfig", "train"]
 
 
 def train(
@@ -51,6 +53,8 @@ def train(
     Returns:
         The trained retriever, as saved under ``out/model``.
     """
+    from grace.training.loop import train_loop  # here: importing the settings stays light
+
     cfg = config or TrainConfig()
     if cfg.processes > 1 and rank_and_world()[1] == 1:  # not inside a launched world: start one
         if stop_after_steps is not None:

@@ -10,9 +10,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
 from grace.constants import LITE_BACKBONE
-from grace.models.lite.configuration_lite import LiteBackboneConfig
 from grace.models.prompts import Prompts
-from grace.models.tiny import TinyBackboneConfig
+from grace.models.settings import LiteBackboneConfig, TinyBackboneConfig
 
 PSEUDO_QUERY_SOURCES = ("auto", "nearest", "caption", "off")
 

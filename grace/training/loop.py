@@ -26,9 +26,7 @@ from grace.data.records import ImageRecord
 from grace.errors import GraceError
 from grace.identifiers import IdentifierMap
 from grace.models.backbone import add_identifier_vocabulary, tokenizer_of
-from grace.models.factory import load_backbone
-from grace.models.lite.modeling_lite import build_lite_backbone
-from grace.models.tiny import build_tiny_backbone
+from grace.models.factory import BUILT_IN, build_backbone, load_backbone
 from grace.retrieval.index import IdentifierIndex
 from grace.retrieval.retriever import GraceRetriever
 from grace.training.config import TrainConfig
@@ -373,16 +371,12 @@ def _start_or_resume(
         if latest is not None:
             state = json.loads((latest / STATE_FILE).read_text())
         return model, processor, state
-    built_in = {
-        LITE_BACKBONE: (build_lite_backbone, cfg.lite),
-        TINY_BACKBONE: (build_tiny_backbone, cfg.tiny),
-    }
-    if cfg.backbone in built_in:  # its tokenizer is trained on the set's texts and the ids
-        build, sizes = built_in[cfg.backbone]
+    if cfg.backbone in BUILT_IN:  # its tokenizer is trained on the set's texts and the ids
         texts = [c for r in live_records for c in r.captions]
         texts += [id_map.token_text(i) for i, _ in id_map.identifiers()]
         texts += [p for p in vars(cfg.prompts).values()]
-        model, processor = build(texts, sizes, seed=cfg.seed)
+        sizes = {LITE_BACKBONE: cfg.lite, TINY_BACKBONE: cfg.tiny}[cfg.backbone]
+        model, processor = build_backbone(cfg.backbone, texts, sizes, seed=cfg.seed)
     else:
         model, processor = load_backbone(cfg.backbone)
     add_identifier_vocabulary(model, processor, id_map.new_tokens())

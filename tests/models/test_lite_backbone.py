@@ -13,11 +13,11 @@ from PIL import Image
 from grace.data.synth import synthesize
 from grace.identifiers import assign_identifiers
 from grace.models.factory import load_backbone
-from grace.models.lite.configuration_lite import LiteBackboneConfig
 from grace.models.lite.losses import distillation_loss
 from grace.models.lite.modeling_lite import GraceLiteForConditionalGeneration, build_lite_backbone
 from grace.models.lite.processing_lite import IMAGE_TOKEN, SENTENCE_TOKEN, GraceLiteProcessor
 from grace.models.prompts import Prompts, retrieve_turn, user_turn
+from grace.models.settings import LiteBackboneConfig
 from grace.retrieval.beam_search import generate_beam_search, trie_beam_search
 from grace.retrieval.index import IdentifierIndex
 from grace.retrieval.retriever import GraceRetriever

@@ -211,7 +211,8 @@ def test_no_trie_is_plain_beam_search(llama):
 def test_grace_model_ranks_alike_with_semantic_ids_and_images(tmp_path):
     from grace.data.synth import synthesize
     from grace.identifiers import assign_identifiers
-    from grace.models.tiny import TinyBackboneConfig, build_tiny_backbone
+    from grace.models.settings import TinyBackboneConfig
+    from grace.models.tiny import build_tiny_backbone
     from grace.retrieval.retriever import GraceRetriever
 
     records = synthesize(tmp_path / "d", n=10, seed=3)

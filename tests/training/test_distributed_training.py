@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from grace.data.synth import synthesize
 from grace.errors import GraceError
 from grace.identifiers import assign_identifiers
-from grace.models.lite.configuration_lite import LiteBackboneConfig
+from grace.models.settings import LiteBackboneConfig
 from grace.retrieval.retriever import GraceRetriever
 from grace.training import train
 from grace.training.config import TrainConfig

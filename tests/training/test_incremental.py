@@ -278,7 +278,7 @@ class LiteBase:
 @pytest.fixture(scope="module")
 def lite_base(tmp_path_factory, one_thread) -> LiteBase:
     """A small lite backbone with atomic ids that memorized its 10 images; 4 more arrive."""
-    from grace.models.lite.configuration_lite import LiteBackboneConfig
+    from grace.models.settings import LiteBackboneConfig
     from grace.training import train
 
     tmp = tmp_path_factory.mktemp("lite_increment")

@@ -11,9 +11,9 @@ import torch
 from grace.data.synth import synthesize
 from grace.errors import GraceError
 from grace.identifiers import assign_identifiers
-from grace.models.lite.configuration_lite import LiteBackboneConfig
 from grace.models.lite.modeling_lite import build_lite_backbone
 from grace.models.prompts import user_turn
+from grace.models.settings import LiteBackboneConfig
 from grace.training import train
 from grace.training.config import TrainConfig
 from grace.training.examples import ImageInputs, TextInputs

@@ -10,7 +10,8 @@ import pytest
 from grace.data.synth import synthesize
 from grace.identifiers import assign_identifiers
 from grace.models.backbone import add_identifier_vocabulary, tokenizer_of
-from grace.models.tiny import TinyBackboneConfig, build_tiny_backbone
+from grace.models.settings import TinyBackboneConfig
+from grace.models.tiny import build_tiny_backbone
 from grace.retrieval.index import IdentifierIndex
 from grace.training.config import TrainConfig
 from grace.training.examples import ImageInputs, build_examples

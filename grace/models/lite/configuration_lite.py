@@ -1,12 +1,10 @@
-"""Settings of the ``lite`` backbone: the training-run shape and the saved transformers config.
+"""The transformers config of the ``lite`` backbone: what a built model saves as ``config.json``.
 
-:class:`LiteBackboneConfig` is the part of a :class:`~grace.training.config.TrainConfig` that
-builds a lite model; :class:`GraceLiteConfig` is what a built model saves as ``config.json``.
+How big a lite model is built (:class:`~grace.models.settings.LiteBackboneConfig`) is a
+training setting, kept light in :mod:`grace.models.settings`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import (
@@ -16,57 +14,6 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 
 from grace.models.lite.frozen_encoders import IMAGE_FEATURE_DIM, SENTENCE_FEATURE_DIM
-
-
-@dataclass
-class LiteBackboneConfig:
-    """The default backbone: frozen pre-trained encoders, MLP projectors, a small Llama decoder.
-
-    EfficientNet-Lite0 reads images and MiniLM sentences, both frozen; the projectors and the
-    decoder start from random init (:mod:`grace.models.lite.modeling_lite`).
-
-    Args:
-        image_size (`int`, *optional*, defaults to `128`):
-            Side in pixels images are resized to before the image encoder.
-        image_grid (`int`, *optional*, defaults to `1`):
-            Image tokens per side: one pooled token is the fastest to memorize; more cells (2 or
-            4) keep where things are in the picture at a higher cost.
-        hidden (`int`, *optional*, defaults to `256`):
-            Width of the decoder.
-        intermediate (`int`, *optional*):
-            Width of the decoder's MLP; `None`: 2 x ``hidden``.
-        layers (`int`, *optional*, defaults to `2`):
-            Decoder layers.
-        heads (`int`, *optional*, defaults to `4`):
-            Attention heads per decoder layer.
-        vocab_size (`int`, *optional*, defaults to `2000`):
-            Size of the BPE vocabulary trained on the run's texts (identifier tokens come on top).
-        alignment_weight (`float`, *optional*, defaults to `1.0`):
-            Weight of the query-image InfoNCE beside learning to retrieve.
-        distill_weight (`float`, *optional*, defaults to `0.3`):
-            Weight of the soft id targets retrieve examples learn from the alignment's ranking of
-            every image (:mod:`grace.models.lite.losses`); numeric ids gain most
-            (docs/experiments.md#alignment-distillation). 0: off.
-        text_encoder (`str`, *optional*, defaults to `"all-MiniLM-L6-v2"`):
-            The packaged MiniLM, or a sentence encoder's path.
-        query_words (`bool`, *optional*, defaults to `False`):
-            The decoder also reads a query's words as tokens; off, a query prompt is one token
-            (its MiniLM feature), which trains much faster and memorized structured ids where
-            word tokens did not (docs/experiments.md#query-words-off).
-    """
-
-    image_size: int = 128
-    image_grid: int = 1
-    hidden: int = 256
-    intermediate: int | None = None
-    layers: int = 2
-    heads: int = 4
-    vocab_size: int = 2000
-    alignment_weight: float = 1.0
-    distill_weight: float = 0.3
-    text_encoder: str = "all-MiniLM-L6-v2"
-    query_words: bool = False
-
 
 MODEL_TYPE = "grace_lite"
 

@@ -25,9 +25,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from grace.constants import IGNORE_INDEX
 from grace.models.backbone import llama_text_config, seeded_model
-from grace.models.lite.configuration_lite import MODEL_TYPE, GraceLiteConfig, LiteBackboneConfig
+from grace.models.lite.configuration_lite import MODEL_TYPE, GraceLiteConfig
 from grace.models.lite.losses import distillation_loss
 from grace.models.lite.processing_lite import IMAGE_TOKEN, SENTENCE_TOKEN, GraceLiteProcessor
+from grace.models.settings import LiteBackboneConfig
 from grace.models.tokenization import train_tokenizer
 
 # One user turn, then the answer. The placeholder comes last, with no generation prompt after
