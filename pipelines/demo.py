@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from grace.constants import DEFAULT_ID_SCHEME
+
 DEMO_QUERIES = 3
 DEMO_MIN_MEMORIZATION = 0.9
 
@@ -24,16 +26,16 @@ def demo_arguments(
 ) -> dict[str, Any]:
     """Pipeline parameters sized for 2 CPU cores and a 10-minute demo.
 
-    The default ``lite`` backbone with atomic ids (one new token per image): the scheme that
-    memorizes 1000 images within the budget here (BENCHMARKS.md compares the schemes). The budget
-    goes to GRACE's two tasks (captioning and describing are off).
+    The default ``lite`` backbone and identifier scheme (structured ids with node tokens:
+    README, "Identifier schemes"). The budget goes to GRACE's two tasks (captioning and
+    describing are off).
     """
     train = {"epochs": 60, "max_seconds": train_seconds, "caption_task": False}
     return {
         "data_repo": str(repo if rev else data.resolve()),
         "data_rev": rev,
         "data_dir": str(data.resolve().relative_to(repo)) if rev else "data",
-        "id_scheme": "atomic",
+        "id_scheme": DEFAULT_ID_SCHEME,
         "memorize_settings": train,
         "retrieve_settings": {**train, "describe_task": False},
         "min_memorization": DEMO_MIN_MEMORIZATION,

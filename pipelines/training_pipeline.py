@@ -8,7 +8,6 @@ settings).
 """
 
 from kfp import dsl
-
 from grace_kfp.components.assign_identifiers import assign_identifiers
 from grace_kfp.components.evaluate import evaluate
 from grace_kfp.components.memorize import memorize
@@ -23,7 +22,7 @@ def training_pipeline(
     data_rev: str = "HEAD",
     data_dir: str = "data",
     min_images: int = 1,
-    id_scheme: str = "numeric",
+    id_scheme: str = "structured",  # grace.constants.DEFAULT_ID_SCHEME (a test holds them equal)
     scheme_params: dict = {},
     embedder_seconds: float = 60.0,
     backbone: str = "lite",

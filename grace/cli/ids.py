@@ -11,6 +11,7 @@ import typer
 from grace.cli._errors import parse_params as _params
 from grace.cli._errors import reports_errors
 from grace.cli._shared import EmbedderOpt, SchemeOpt, _embedder, _load, _print_summary
+from grace.constants import DEFAULT_ID_SCHEME
 
 ids_app = typer.Typer(help="Identifiers: assign, extend, remove, show.", no_args_is_help=True)
 
@@ -20,7 +21,7 @@ ids_app = typer.Typer(help="Identifiers: assign, extend, remove, show.", no_args
 def ids_assign(
     data: Annotated[Path, typer.Option(help="Image set folder or manifest.parquet.")],
     out: Annotated[Path, typer.Option(help="Identifier map to write (JSON).")],
-    scheme: SchemeOpt = "numeric",
+    scheme: SchemeOpt = DEFAULT_ID_SCHEME,
     param: Annotated[
         list[str] | None, typer.Option(help="Scheme parameter KEY=VALUE (e.g. c=30, tokens=level).")
     ] = None,

@@ -59,14 +59,19 @@ def tokenizer_of(processor: ProcessorMixin | PreTrainedTokenizerBase) -> PreTrai
 def add_identifier_vocabulary(
     model: PreTrainedModel, processor: ProcessorMixin, tokens: Iterable[str]
 ) -> int:
-    """Give the tokenizer whole-identifier tokens (atomic, structured) and grow the embeddings.
+    """Give the tokenizer whole-identifier tokens (atomic, structured) and rows for them.
 
-    New rows start at the mean of the existing embeddings (transformers' default for
-    ``mean_resizing``), so a new id token is not an outlier at the first step.
+    A model with an identifier table of its own (``grow_identifier_rows``, the lite backbone)
+    appends rows there; others grow their vocabulary. New rows start at the mean of the existing
+    ones (transformers' default for ``mean_resizing``), so a new id token is not an outlier at
+    the first step.
     """
     tok = tokenizer_of(processor)
     added = add_identifier_tokens(tok, tokens)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+    grow = getattr(model, "grow_identifier_rows", None)
+    if grow is not None:
+        grow(len(tok))
+    elif len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=True)
     return added
 

@@ -9,14 +9,22 @@ beams are reordered. Each beam keeps its trie node, from which a step reads the 
 allows and the nodes they lead to (``Trie.live_edges``: no vocabulary-wide mask, no search for the
 child), and all queries x beams of a batch step in one forward.
 
+Each step is a softmax over a beam's trie node's children only (a hierarchical softmax along
+the identifier tree, what the lite backbone trains): the hidden state of each beam is multiplied
+with the output rows of its node's children, so a step costs beams x children x hidden and
+nothing of the vocabulary's size is computed or allocated, however many identifiers there are
+(BENCHMARKS.md#query-cost-by-catalog-size). A node without children (a dead end) may emit EOS
+only, with probability one.
+
 The ranking is that of transformers' beam search with ``early_stopping=True`` and a
-``TrieLogitsProcessor`` (the reference, which a test holds this to): at each step the best
-``2 * num_beams`` continuations of a query are kept, those ending in EOS become finished
-hypotheses scored ``sum of log-probs / number of generated tokens (EOS included) **
-length_penalty``, and a query is done once ``num_beams`` hypotheses are finished. Decoder-only
-backbones whose forward takes a 4D boolean ``attention_mask`` and appends to a ``DynamicCache``
-(Llama-family text models, Idefics3/SmolVLM); plain Llama decoders run through
-``grace.retrieval.fused_llama`` instead of their modules.
+``TrieLogitsProcessor(renormalize=True)`` (the dense reference, which a test holds this to: full
+logits, mask, renormalize over the allowed children): at each step the best ``2 * num_beams``
+continuations of a query are kept, those ending in EOS become finished hypotheses scored
+``sum of log-probs / number of generated tokens (EOS included) ** length_penalty``, and a query
+is done once ``num_beams`` hypotheses are finished. Decoder-only backbones whose forward takes a
+4D boolean ``attention_mask`` and appends to a ``DynamicCache`` (Llama-family text models,
+Idefics3/SmolVLM); plain Llama decoders run through ``grace.retrieval.fused_llama`` instead of
+their modules, and return hidden states rather than logits.
 """
 
 from __future__ import annotations
@@ -79,15 +87,73 @@ def trie_beam_search(
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])
-    decoder, logits = _prefill(model, inputs, mask, beams, max_new_tokens, fused_steps)
+    decoder, scores = _prefill(model, inputs, mask, beams, max_new_tokens, fused_steps)
     device = inputs["input_ids"].device
-    state = BeamState.start(logits, mask, beams, max_new_tokens, pad_token_id, device)
+    state = BeamState.start(mask, beams, max_new_tokens, pad_token_id, device)
     for step in range(max_new_tokens):
         state.step = step
-        log_probs = state.log_probs if step == 0 else _step(state, decoder)
-        if _select(state, log_probs, trie, eos, length_penalty, max_new_tokens):
+        if step:
+            scores = _step(state, decoder)
+        if _select(state, scores, trie, eos, length_penalty, max_new_tokens):
             break
     return _finish(state)
+
+
+class _Scores:
+    """A step's next-token scores: hidden states scored against output rows, or logits.
+
+    Fused steps give hidden states; a node's children are then scored by gathering their
+    output rows (the model's ``output_rows``, else rows of its output embeddings). A model run
+    through its own forward gives logits, of which the children's are read.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        hidden: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+    ):
+        self.model, self.hidden, self.logits = model, hidden, logits
+
+    @property
+    def vocab(self) -> int | None:
+        """Tokens the logits cover, or ``None`` (output rows score any token)."""
+        return None if self.logits is None else self.logits.shape[-1]
+
+    def of_edges(self, row: np.ndarray, tok: np.ndarray) -> torch.Tensor:
+        """``(edges,)`` the logit of token ``tok[i]`` for row ``row[i]``."""
+        r = torch.from_numpy(row).to(self._device)
+        t = torch.from_numpy(tok.astype(np.int64)).to(self._device)
+        if self.logits is not None:
+            return self.logits[r, t].float()
+        rows = _output_rows(self.model, t)
+        return (rows * self.hidden[r].to(rows.dtype)).sum(-1).float()
+
+    def full(self) -> torch.Tensor:
+        """``(rows, vocab)`` logits over every token: plain beam search only."""
+        if self.logits is not None:
+            return self.logits.float()
+        full = getattr(self.model, "full_logits", None)
+        if full is not None:
+            return full(self.hidden).float()
+        return self.model.get_output_embeddings()(self.hidden).float()
+
+    @property
+    def _device(self) -> torch.device:
+        return (self.logits if self.logits is not None else self.hidden).device
+
+
+def _output_rows(model: PreTrainedModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Output rows of ``tokens``: the model's ``output_rows`` or its output embeddings' rows."""
+    rows = getattr(model, "output_rows", None)
+    if rows is not None:
+        return rows(tokens)
+    return model.get_output_embeddings().weight[tokens]
+
+
+def _token_embeddings(model: PreTrainedModel):
+    """The model's ``token_embeddings`` (identifier rows of their own), if it has them."""
+    return getattr(model, "token_embeddings", None)
 
 
 class _Decoder:
@@ -104,19 +170,30 @@ class _Decoder:
 
     def __call__(
         self, tokens: torch.Tensor, position: torch.Tensor, keep_kv: torch.Tensor
-    ) -> torch.Tensor:
-        """Logits of ``tokens`` (one per beam), each attending to its ``keep_kv`` slots."""
+    ) -> _Scores:
+        """Scores after ``tokens`` (one per beam), each attending to its ``keep_kv`` slots."""
         if self.fused is not None:
-            logits = self.fused.step(tokens, position, keep_kv, self.keys, self.values, self.filled)
+            embed = _token_embeddings(self.model)
+            hidden = self.fused.step(
+                tokens,
+                position,
+                keep_kv,
+                self.keys,
+                self.values,
+                self.filled,
+                embeds=None if embed is None else embed(tokens),
+                hidden=True,
+            )
             self.filled += tokens.shape[1]
-            return logits
-        return self.model(
+            return _Scores(self.model, hidden=hidden.reshape(-1, hidden.shape[-1]))
+        logits = self.model(
             input_ids=tokens,
             attention_mask=keep_kv[:, None].contiguous(),
             position_ids=position,
             past_key_values=self.cache,
             use_cache=True,
         ).logits
+        return _Scores(self.model, logits=logits.reshape(-1, logits.shape[-1]))
 
 
 def _prefill(
@@ -126,15 +203,15 @@ def _prefill(
     beams: int,
     max_new_tokens: int,
     fused_steps: bool,
-) -> tuple[_Decoder, torch.Tensor]:
-    """Run each prompt once; the decoder holding its cache and the prompts' last logits."""
+) -> tuple[_Decoder, _Scores]:
+    """Run each prompt once; the decoder holding its cache and the prompts' last scores."""
     ids = inputs["input_ids"]
     batch, width = ids.shape
     device = ids.device
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     position = _positions(mask)
     fused = LlamaSteps.of(model) if fused_steps else None
-    embed = getattr(model, "prompt_embeddings", None) if extra else None
+    embed = getattr(model, "prompt_embeddings", None)  # identifier tokens and features
     decoder = _Decoder(model, fused)
     if fused is not None and (not extra or embed is not None):  # prefill fused too
         decoder.keys, decoder.values = fused.empty_buffers(
@@ -145,13 +222,13 @@ def _prefill(
         keep_prompt = (causal & mask.bool()[:, None, :]) | torch.eye(
             width, dtype=torch.bool, device=device
         )
-        embeds = embed(ids, **extra) if extra else None
+        embeds = embed(ids, **extra) if embed is not None else None
         keys, values = decoder.keys, decoder.values
-        logits = fused.step(
-            ids, position, keep_prompt, keys, values, 0, last_only=True, embeds=embeds
+        hidden = fused.step(
+            ids, position, keep_prompt, keys, values, 0, last_only=True, embeds=embeds, hidden=True
         )
         decoder.filled = width
-        return decoder, logits[:, -1, :].float()
+        return decoder, _Scores(model, hidden=hidden[:, -1, :])
     out = model(
         input_ids=ids,
         attention_mask=mask if bool((mask == 0).any()) else None,
@@ -168,7 +245,7 @@ def _prefill(
     else:
         decoder.cache = out.past_key_values
     del out
-    return decoder, logits[:, -1, :].float()
+    return decoder, _Scores(model, logits=logits[:, -1, :])
 
 
 @dataclass
@@ -188,8 +265,6 @@ class BeamState:
     width: int
     """Prompt length (cache slots before the first generated token)."""
     beams: int
-    log_probs: np.ndarray
-    """``(batch * beams, vocab)`` the step's next-token log-probabilities."""
     nodes: np.ndarray
     """``(batch * beams,)`` each beam's trie node."""
     attend: np.ndarray
@@ -216,14 +291,13 @@ class BeamState:
     @classmethod
     def start(
         cls,
-        logits: torch.Tensor,
         mask: torch.Tensor,
         beams: int,
         max_new_tokens: int,
         pad_token_id: int,
         device: torch.device,
     ) -> BeamState:
-        """Every beam of a query starts as its prompt: one prefilled row, repeated."""
+        """Every beam of a query starts as its prompt: at step 0 one row expands (the prefill's)."""
         batch, width = mask.shape
         neg = np.float32(_NEG)
         attend = np.zeros((batch, beams, width + beams * max_new_tokens), dtype=bool)
@@ -234,7 +308,6 @@ class BeamState:
         return cls(
             width=width,
             beams=beams,
-            log_probs=np.repeat(torch.log_softmax(logits, dim=-1).cpu().numpy(), beams, axis=0),
             nodes=np.zeros(batch * beams, dtype=np.int64),
             attend=attend,
             position=_positions(mask)[:, -1:].expand(batch, beams),
@@ -249,22 +322,20 @@ class BeamState:
         )
 
 
-def _step(state: BeamState, decoder: _Decoder) -> np.ndarray:
-    """Feed each running beam's last token; the next tokens' log-probabilities."""
+def _step(state: BeamState, decoder: _Decoder) -> _Scores:
+    """Feed each running beam's last token; the scores of what may follow."""
     step, beams = state.step, state.beams
     fed = state.width + beams * (step - 1)  # cache slots filled before this step
     state.attend[:, :, fed : fed + beams] = np.eye(beams, dtype=bool)  # each beam's own slot
     keep_kv = torch.from_numpy(state.attend[:, :, : fed + beams]).to(state.device)
     state.position = state.position + 1
     fed_tokens = torch.from_numpy(state.running_seq[:, :, step - 1].copy()).to(state.device)
-    logits = decoder(fed_tokens, state.position, keep_kv)
-    rows = state.nodes.shape[0]
-    return torch.log_softmax(logits.float(), dim=-1).view(rows, -1).cpu().numpy()
+    return decoder(fed_tokens, state.position, keep_kv)
 
 
 def _select(
     state: BeamState,
-    log_probs: np.ndarray,
+    scores: _Scores,
     trie: Trie | None,
     eos: int,
     length_penalty: float,
@@ -274,18 +345,24 @@ def _select(
 
     At each step the best ``2 * beams`` continuations of a query are candidates: the best
     unfinished ones run on, and those among the top ``beams`` that end in EOS (or at the last
-    step) join the hypotheses if they score high enough.
+    step) join the hypotheses if they score high enough. At step 0 every beam of a query is
+    its prompt, so only that one row (``scores`` has one per query) is expanded.
     """
     step, beams, qi = state.step, state.beams, state.qi
-    batch, vocab = state.running_score.shape[0], log_probs.shape[-1]
+    batch = state.running_score.shape[0]
+    rows = 1 if step == 0 else beams  # expanded rows per query
     neg = np.float32(_NEG)
+    nodes = state.nodes.reshape(batch, beams)[:, :rows].ravel()
     if trie is not None:
-        log_probs, child = _constrain(trie, state.nodes, log_probs, eos)
-    total = (log_probs.reshape(batch, beams, vocab) + state.running_score[:, :, None]).reshape(
-        batch, -1
-    )
+        log_probs, tokens, child = _children(trie, nodes, scores, eos, 2 * beams if not step else 2)
+    else:
+        log_probs, tokens, child = torch.log_softmax(scores.full(), -1).cpu().numpy(), None, None
+    width = log_probs.shape[-1]
+    running = state.running_score[:, :rows]
+    total = (log_probs.reshape(batch, rows, width) + running[:, :, None]).reshape(batch, -1)
     cand_score, cand = (t.numpy() for t in torch.topk(torch.from_numpy(total), 2 * beams))
-    src, tok = np.divmod(cand, vocab)
+    src, slot = np.divmod(cand, width)
+    tok = slot if tokens is None else tokens[qi * rows + src, slot]
     cand_seq = state.running_seq[qi, src]
     cand_seq[:, :, step] = tok
     ended = (tok == eos) | (step + 1 == max_new_tokens)
@@ -312,8 +389,8 @@ def _select(
     if step:  # reordered by parent: the parent's own slot, fed this step, is an ancestor now
         slots = slice(state.width, state.width + beams * step)
         state.attend[:, :, slots] = state.attend[qi, parent, slots]
-    if trie is not None:
-        state.nodes = child[(qi * beams + parent).ravel(), state.running_seq[:, :, step].ravel()]
+    if child is not None:
+        state.nodes = child[(qi * rows + parent).ravel(), slot[qi, pick].ravel()]
 
     # Could a running beam still beat the worst kept hypothesis (transformers' heuristic)?
     best_running = state.running_score[:, :1] / np.float32(float(step + 1) ** length_penalty)
@@ -330,38 +407,40 @@ def _finish(state: BeamState) -> BeamSearchOutput:
     )
 
 
-def _constrain(
-    trie: Trie, nodes: np.ndarray, log_probs: np.ndarray, eos: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the rules of ``TrieLogitsProcessor`` from the beams' trie nodes.
+def _children(
+    trie: Trie, nodes: np.ndarray, scores: _Scores, eos: int, min_width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's children with their log-probabilities, normalized over the children alone.
 
-    Returns ``log_probs`` with the tokens that ``nodes`` do not allow at -inf, and the node
-    each allowed (row, token) leads to. Only the few allowed scores are gathered
-    (``Trie.live_edges``). A row that allows nothing (past EOS, or a dead end) may emit EOS
-    only and stays where it is; a row whose allowed tokens all score -inf gets them at
-    ``finfo.min / 2``.
+    Returns ``(rows, K)`` log-probabilities, tokens and the nodes they lead to, ``K`` the
+    widest row's fan-out (at least ``min_width``); padding scores ``-inf`` and is EOS into a
+    dead end. Only the children's scores are computed (``Trie.live_edges``). A row without
+    children (past EOS, or a dead end) may emit EOS only, with log-probability 0, and stays
+    where it is.
     """
-    n, vocab = log_probs.shape
+    n = nodes.shape[0]
     row, tok, child, degree = trie.live_edges(nodes, with_degree=True)
-    if trie.top_token >= vocab:
+    vocab = scores.vocab
+    if vocab is not None and trie.top_token >= vocab:  # tokens the logits cannot score
         inside = tok < vocab
         row, tok, child = row[inside], tok[inside], child[inside]
         degree = np.bincount(row, minlength=n)
-    if eos < vocab and not degree.all():
+    if not degree.all():
         rest = np.flatnonzero(degree == 0)
-        row = np.concatenate([row, rest])
-        tok = np.concatenate([tok, np.full(rest.size, eos)])
-        child = np.concatenate([child, nodes[rest]])
-    values = log_probs[row, tok]
-    if values.size and values.min() == -np.inf:
-        best = np.full(n, -np.inf, dtype=values.dtype)
-        np.maximum.at(best, row, values)
-        values = np.where(np.isneginf(best[row]), np.finfo(values.dtype).min / 2, values)
-    out = np.full_like(log_probs, -np.inf)
-    out[row, tok] = values
-    to = np.full((n, vocab), trie.dead_end, dtype=np.int64)
-    to[row, tok] = child
-    return out, to
+        order = np.argsort(np.concatenate([row, rest]), kind="stable")
+        row = np.concatenate([row, rest])[order]
+        tok = np.concatenate([tok, np.full(rest.size, eos, dtype=tok.dtype)])[order]
+        child = np.concatenate([child, nodes[rest]])[order]
+        degree = np.maximum(degree, 1)
+    width = max(int(degree.max(initial=0)), min_width)
+    slot = np.arange(row.size) - np.repeat(np.cumsum(degree) - degree, degree)
+    logits = torch.full((n, width), float("-inf"))
+    logits[torch.from_numpy(row), torch.from_numpy(slot)] = scores.of_edges(row, tok).cpu()
+    tokens = np.full((n, width), eos, dtype=np.int64)
+    tokens[row, slot] = tok
+    to = np.full((n, width), trie.dead_end, dtype=np.int64)
+    to[row, slot] = child
+    return torch.log_softmax(logits, -1).numpy(), tokens, to
 
 
 @torch.no_grad()
@@ -375,10 +454,11 @@ def generate_beam_search(
     pad_token_id: int,
     length_penalty: float = 1.0,
 ) -> BeamSearchOutput:
-    """The reference: ``generate`` with a ``TrieLogitsProcessor``, same output as above.
+    """The dense reference: ``generate`` with a renormalizing ``TrieLogitsProcessor``.
 
-    Kept to check ``trie_beam_search`` against and to measure what it saves; it prefills every
-    prompt ``num_beams`` times.
+    Full logits, the trie's mask, and the allowed children renormalized: the scores
+    ``trie_beam_search`` computes from the children's rows alone, which a test holds it to.
+    Also what its savings are measured against; it prefills every prompt ``num_beams`` times.
     """
     from transformers import LogitsProcessorList
 
@@ -394,7 +474,7 @@ def generate_beam_search(
         do_sample=False,
         early_stopping=True,
         length_penalty=length_penalty,
-        logits_processor=LogitsProcessorList([TrieLogitsProcessor(trie, width)]),
+        logits_processor=LogitsProcessorList([TrieLogitsProcessor(trie, width, renormalize=True)]),
         output_scores=True,
         return_dict_in_generate=True,
         pad_token_id=pad_token_id,

@@ -168,6 +168,7 @@ class LlamaSteps:
             for ws, layer in zip(layers, text.layers, strict=True)
         ]
         self.head = pack(head_weight)
+        self.norm_weight = text.norm.weight.detach().clone()
         self._turns = torch.zeros(0, d // 2, dtype=torch.complex64)
 
     def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
@@ -257,6 +258,7 @@ class LlamaSteps:
         filled: int,
         last_only: bool = False,
         embeds: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """Logits ``(batch, new, vocab)`` of ``tokens`` ``(batch, new)``.
 
@@ -264,7 +266,8 @@ class LlamaSteps:
         ``(batch, new, filled + new)`` says which cached tokens each new one attends to.
         ``last_only``: logits of the last new token only (a prefill). ``embeds``: the tokens'
         input embeddings, when the model puts more than token embeddings there (projected
-        features).
+        features, identifier rows). ``hidden``: the head's input ``(batch, new, hidden)``
+        instead of logits, for a search that scores a few output rows only.
         """
         x = F.embedding(tokens, self.embed.weight) if embeds is None else embeds
         turn = self._rotation(positions)
@@ -295,4 +298,6 @@ class LlamaSteps:
             x = x + linear(F.silu(gate) * up, wd)
         if last_only:
             x = x[:, -1:]
+        if hidden:
+            return _rms(x, self.eps) * self.norm_weight
         return linear(_rms(x, self.eps), self.head)

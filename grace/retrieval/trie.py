@@ -319,6 +319,11 @@ class Trie:
             degree = np.bincount(row, minlength=degree.size)
         return (row, tok, child, degree) if with_degree else (row, tok, child)
 
+    def degree(self, nodes: np.ndarray) -> np.ndarray:
+        """How many children each of ``nodes`` has (removed ones included until a rebuild)."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        return self.first_child[nodes + 1] - self.first_child[nodes]
+
     @property
     def dead_end(self) -> int:
         """A node without children, where ``advance`` parks rows that left the trie."""
@@ -482,15 +487,22 @@ class TrieLogitsProcessor(LogitsProcessor):
     or invalid (a finished beam padded past its EOS) may only emit EOS, so beam search never faces
     a row with nothing to pick. If all allowed tokens of a row score -inf, they are raised to
     ``finfo.min / 2`` so the search still picks a valid token rather than an arbitrary one.
+
+    ``renormalize``: the allowed scores are shifted to sum to one (a softmax over the node's
+    children: what ``trie_beam_search`` ranks with, computed densely as its reference).
     """
 
-    def __init__(self, trie: Trie, prompt_length: int) -> None:
+    def __init__(self, trie: Trie, prompt_length: int, renormalize: bool = False) -> None:
         self.trie = trie
         self.prompt_length = int(prompt_length)
+        self.renormalize = bool(renormalize)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         mask = self.trie.next_token_mask(input_ids[:, self.prompt_length :], scores.shape[-1])
-        return constrain_scores(scores, mask, self.trie.eos_token_id)
+        out = constrain_scores(scores, mask, self.trie.eos_token_id)
+        if self.renormalize:
+            out = out - torch.logsumexp(out, dim=-1, keepdim=True)
+        return out
 
 
 def constrain_scores(scores: torch.Tensor, mask: torch.Tensor, eos: int) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """Every old image as a negative for the rows a run trains alone, at a fixed per-step cost.
 
-When every weight but some embedding/output rows is frozen (``TrainConfig.train_rows_from``: an
-incremental update training only its new atomic ids), an old image's hidden states at its
-answer positions cannot change, nor can the frozen rows' logits of them. So they are computed
-once, with the frozen model: per answer position the output head's input, the target's logit
-and the log-sum-exp of the frozen rows' logits. A step then needs only the trained rows'
-logits of those states, and the cross-entropy over the whole vocabulary follows exactly::
+When every weight but some identifier rows is frozen (``TrainConfig.train_rows_from``: an
+incremental update training only its new ids' rows), an old image's hidden states at its answer
+positions cannot change, nor can the frozen rows' logits of them. An answer token is scored
+among its trie node's children (the factorized softmax of training and search), so per answer
+position whose children include a trained row, the frozen model's hidden state, the target's
+logit and the log-sum-exp of the frozen children's logits are computed once. A step then needs
+only the trained children's logits of those states, and the cross-entropy over the children
+follows exactly::
 
-    loss = logsumexp([frozen_lse, h @ W[start:]^T]) - target_logit
+    loss = logsumexp([frozen_lse, h @ W[trained children]^T]) - target_logit
 
 Its gradient reaches the trained rows alone and pushes a new id down wherever it would outscore
 an old image's own answer, for all old images and not just a replayed sample, without a
@@ -26,27 +28,30 @@ import torch
 
 from grace.constants import IGNORE_INDEX
 from grace.errors import GraceError
+from grace.retrieval.trie import Trie
+from grace.training.choices import ID_TASKS, label_choices
 from grace.training.examples import Example, ImageInputs, TextInputs, collate
 
-# tasks whose answers are identifiers: where a new id can take an old image's place
-ID_TASKS = ("memorize", "retrieve")
+__all__ = ["ID_TASKS", "CachedNegatives", "cache_negatives"]
 
 
 @dataclass
 class CachedNegatives:
-    """The answer positions of the old examples, computed once with the frozen model.
+    """The answer positions of the old examples that a trained row competes at, computed once.
 
     Args:
         hidden (`torch.Tensor`):
-            ``[M, d]`` the output head's input at each answer position.
+            ``[M, d]`` the decoder's output at each answer position.
         frozen_lse (`torch.Tensor`):
-            ``[M]`` log-sum-exp of the frozen rows' logits (rows below ``start``).
+            ``[M]`` log-sum-exp of the frozen children's logits (tokens below ``start``).
         target_logit (`torch.Tensor`):
             ``[M]`` the logit of each position's target token.
+        trained (`torch.Tensor`):
+            ``[M, K]`` the position's trained children (tokens ``>= start``), -1 padded.
         weight (`torch.Tensor`):
             ``[M]`` how many times the position's example was listed (a constant).
         start (`int`):
-            First trained row of the head: rows ``start:`` train.
+            First trained token: rows of tokens ``start:`` train.
         examples (`int`):
             Examples cached, counted as listed.
     """
@@ -54,6 +59,7 @@ class CachedNegatives:
     hidden: torch.Tensor
     frozen_lse: torch.Tensor
     target_logit: torch.Tensor
+    trained: torch.Tensor
     weight: torch.Tensor
     start: int
     examples: int
@@ -61,16 +67,16 @@ class CachedNegatives:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def loss_sum(self, head: torch.nn.Module) -> torch.Tensor:
-        """The summed cross-entropy of every cached answer position against the whole vocabulary.
+    def loss_sum(self, model: torch.nn.Module) -> torch.Tensor:
+        """The summed cross-entropy of every cached answer position among its children.
 
-        Each position counts its weight times; the sum is differentiable in the head's trained
+        Each position counts its weight times; the sum is differentiable in the model's trained
         rows only.
         """
-        logits = self.hidden @ head.weight[self.start :].T
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[self.start :]
-        every = torch.cat([self.frozen_lse[:, None], logits.float()], dim=1)
+        if not len(self):
+            return self.hidden.new_zeros(())
+        logits = model.choice_logits(self.hidden, self.trained)
+        every = torch.cat([self.frozen_lse[:, None], logits], dim=1)
         return ((torch.logsumexp(every, dim=1) - self.target_logit) * self.weight).sum()
 
 
@@ -80,6 +86,7 @@ def cache_negatives(
     examples: Sequence[Example],
     images: ImageInputs,
     texts: TextInputs,
+    trie: Trie,
     pad_token_id: int,
     start: int,
     device: torch.device,
@@ -87,57 +94,73 @@ def cache_negatives(
 ) -> CachedNegatives:
     """Run the frozen ``model`` once over each distinct example and keep what the loss needs.
 
-    The answers of ``examples`` must be frozen rows, below ``start``; the result holds what
+    The answers of ``examples`` must be frozen rows, below ``start``; ``trie`` holds every
+    identifier, old and new (the children a position is scored among). The result holds what
     :meth:`CachedNegatives.loss_sum` needs, on ``device``.
 
     Raises:
-        GraceError: If the output table is partitioned (ZeRO-3), or an answer is a trained row.
+        GraceError: If the model scores no children (not the lite backbone), or an answer is
+            a trained row.
     """
     if not examples:
         raise ValueError("no examples to cache as negatives")
-    head = model.get_output_embeddings()
-    if head.weight.numel() == 0:
+    if not hasattr(model, "choice_logits"):
         raise GraceError(
-            "cached negatives need the whole output table on every rank; ZeRO-3 partitions it "
-            "(use ZeRO-2, or no deepspeed config)"
+            "cached negatives need a backbone that scores identifier tokens among their trie "
+            "children (the lite backbone); use all_old_negatives=false with this one"
         )
-    captured: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
     listed = Counter(examples)
-    hidden, lse, target, weight = [], [], [], []
+    hidden, lse, target, trained, weight = [], [], [], [], []
     was_training = model.training
     model.eval()
     try:
         for members in _batches(list(listed), batch_size):
             batch = collate(members, images, pad_token_id, texts)
-            labels = batch.pop("labels")[:, 1:]  # position t predicts token t + 1
-            captured.clear()
-            model(**{k: v.to(device) for k, v in batch.items()})
-            answer = labels != IGNORE_INDEX
-            h = captured[-1][:, :-1][answer.to(device)].float()
-            y = labels[answer].to(device)
+            labels = batch.pop("labels")
+            choices = label_choices(labels, trie).to(device)
+            answer = labels[:, 1:] != IGNORE_INDEX
+            y = labels[:, 1:][answer].to(device)
             if int(y.max()) >= start:
                 raise GraceError(
                     f"a cached negative's answer is token {int(y.max())}, a trained row "
                     f"(>= {start}): only answers in frozen rows have fixed logits"
                 )
-            logits = head(h.to(head.weight.dtype)).float()
-            hidden.append(h)
-            lse.append(torch.logsumexp(logits[:, :start], dim=1))
-            target.append(logits.gather(1, y[:, None])[:, 0])
+            h = model.answer_hidden(
+                labels.to(device), **{k: v.to(device) for k, v in batch.items()}
+            )
+            logits = model.choice_logits(h, choices)
+            new = choices >= start
+            keep = new.any(1)  # elsewhere no trained row competes: the loss is a constant
+            frozen = logits.masked_fill(new, float("-inf"))
+            hidden.append(h[keep].float())
+            lse.append(torch.logsumexp(frozen[keep], dim=1))
+            target.append(
+                logits.gather(1, (choices == y[:, None]).float().argmax(1, True))[keep, 0]
+            )
+            trained.append(_packed(torch.where(new, choices, -1)[keep]))
             times = torch.tensor([float(listed[m]) for m in members])[:, None]
-            weight.append(times.expand(answer.shape)[answer].to(device))
+            weight.append(times.expand(answer.shape)[answer].to(device)[keep])
     finally:
-        hook.remove()
         model.train(was_training)
+    width = max(t.shape[1] for t in trained)
+    trained = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t in trained]
     return CachedNegatives(
-        torch.cat(hidden).to(head.weight.dtype),
+        torch.cat(hidden),
         torch.cat(lse),
         torch.cat(target),
+        torch.cat(trained),
         torch.cat(weight),
         start,
         len(examples),
     )
+
+
+def _packed(choices: torch.Tensor) -> torch.Tensor:
+    """``choices`` with each row's tokens (>= 0) moved left and the columns of padding cut."""
+    order = torch.sort((choices < 0).to(torch.int8), dim=1, stable=True).indices
+    packed = choices.gather(1, order)
+    width = int((choices >= 0).sum(1).max()) if choices.numel() else 0
+    return packed[:, : max(width, 1)]
 
 
 def _batches(examples: Sequence[Example], size: int) -> list[list[Example]]:

@@ -123,6 +123,86 @@ def _adamw(
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
+class DenseAndSparseAdam:
+    """``AdamW`` for the dense parameters and ``SparseAdam`` for those with sparse gradients.
+
+    A group marked ``"sparse": True`` (identifier rows, :mod:`grace.models.lite.identifier_table`)
+    goes to ``torch.optim.SparseAdam``, the lazy Adam that updates only the rows a step's
+    gradient names (and their moments): a dense AdamW would update every row of an N-row
+    table at every step, an O(N) step. The two optimizers are stepped, zeroed and saved
+    together; ``param_groups`` lists both's groups, so a learning-rate schedule sets both.
+    """
+
+    def __init__(
+        self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float,
+        weight_decay: float,
+    ) -> None:  # fmt: skip
+        dense = [
+            {k: v for k, v in g.items() if k != "sparse"} for g in groups if not g.get("sparse")
+        ]
+        sparse = [{"params": g["params"]} for g in groups if g.get("sparse")]
+        self.dense = _adamw(dense, lr, betas, eps, weight_decay) if dense else None
+        self.sparse = (
+            torch.optim.SparseAdam(sparse, lr=lr, betas=betas, eps=eps) if sparse else None
+        )
+
+    @property
+    def _parts(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.dense, self.sparse) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self._parts for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self._parts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self._parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense": _state(self.dense), "sparse": _state(self.sparse)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "dense" not in state:  # a checkpoint of the single AdamW of before
+            state = {"dense": state, "sparse": None}
+        for o, s in ((self.dense, state["dense"]), (self.sparse, state["sparse"])):
+            if (o is None) != (s is None):
+                raise ValueError("the checkpoint's optimizer does not match these parameters")
+            if o is not None:
+                o.load_state_dict(s)
+
+
+def _state(o: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+    return None if o is None else o.state_dict()
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` that also takes sparse gradients (which torch's does not).
+
+    Returns the total norm before clipping.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = []
+    for i, g in enumerate(grads):
+        if g.is_sparse:
+            g = grads[i] = g.coalesce()
+            norms.append(torch.linalg.vector_norm(g.values()))
+        else:
+            norms.append(torch.linalg.vector_norm(g))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad = p.grad.coalesce() * scale if p.grad.is_sparse else p.grad.mul_(scale)
+    return total
+
+
 class PlainEngine(TrainEngine):
     """Single-process AdamW + ``clip_grad_norm_``: the default, and the DeepSpeed reference."""
 
@@ -149,7 +229,7 @@ class PlainEngine(TrainEngine):
         norm = None
         if self.grad_clip > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+            norm = float(clip_grad_norm(params, self.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -275,10 +355,15 @@ def make_engine(
     weights, fp32 master copy in the optimizer) with a config; :meth:`TrainEngine.autocast` is
     right for both. With DeepSpeed, call this on every rank, and the model is moved to the device.
     """
-    groups = list(param_groups)
+    groups = [g if isinstance(g, dict) else {"params": [g]} for g in param_groups]
     if ds_config_path is None:
-        opt = _adamw(groups, lr, betas, eps, weight_decay)
+        opt = DenseAndSparseAdam(groups, lr, betas, eps, weight_decay)
         return PlainEngine(model, opt, grad_clip, bf16)
+    if any(g.get("sparse") for g in groups):
+        raise ValueError(
+            "DeepSpeed's optimizers take dense gradients: switch the model's sparse tables to "
+            "dense (set_sparse(False)) before making a DeepSpeed engine"
+        )
 
     cfg = json.loads(Path(ds_config_path).read_text())
     cfg = resolve_ds_config(

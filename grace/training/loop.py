@@ -29,6 +29,7 @@ from grace.models.backbone import add_identifier_vocabulary, tokenizer_of
 from grace.models.factory import BUILT_IN, build_backbone, load_backbone
 from grace.retrieval.index import IdentifierIndex
 from grace.retrieval.retriever import GraceRetriever
+from grace.training.choices import ID_TASKS, choice_positions, label_choices
 from grace.training.config import TrainConfig
 from grace.training.distillation import IdGallery
 from grace.training.distributed import MetricsCallback, rank_and_world, shard
@@ -133,6 +134,8 @@ class _Run:
         self.live_records, self.root, self.id_map, self.out = live_records, root, id_map, out
         self.cfg, self.negatives, self.rank, self.world = cfg, negatives, rank, world
         model, state = self._load_examples()
+        # identifier answers as a softmax over each node's children (lite); others: full vocab
+        self.factorized = hasattr(model, "choice_logits")
         self.engine = self._make_engine(model)
         self.gallery = None  # the distillation's teacher ranks these (retrieve batches only)
         if "retrieve" in self.tasks and self.align and getattr(model.config, "distill_weight", 0):
@@ -149,9 +152,17 @@ class _Run:
                 self.tasks,
                 self.texts,
             )
-            # per step, as if each of their answer tokens were one of the training examples'
-            answers = sum(len(ex.input_ids) - ex.n_prompt for ex in self.examples)
-            self.negatives_weight = 1.0 / answers
+            # per step, each cached position (a choice among 2+ children) weighs one over the
+            # training examples' choice positions: the old images as a whole weigh what the
+            # new examples' choices weigh (their single-child positions carry no loss)
+            id_answers = [
+                list(ex.input_ids[ex.n_prompt :]) for ex in self.examples if ex.task in ID_TASKS
+            ]
+            answers = choice_positions(id_answers, self.index.trie)
+            answers += sum(
+                len(ex.input_ids) - ex.n_prompt for ex in self.examples if ex.task not in ID_TASKS
+            )
+            self.negatives_weight = 1.0 / max(answers, 1)
         self.global_step, self.epoch = state["step"], state["epoch"]
         self.first_batch = state["batch"]  # of the epoch the run resumes in
         self.seconds_before_resume = float(state.get("seconds", 0.0))
@@ -203,6 +214,10 @@ class _Run:
 
     def _make_engine(self, model: torch.nn.Module) -> TrainEngine:
         cfg, decay = self.cfg, self.cfg.weight_decay
+        if cfg.deepspeed is not None:  # DeepSpeed's optimizers take dense gradients only
+            for module in model.modules():
+                if hasattr(module, "set_sparse"):
+                    module.set_sparse(False)
         if cfg.train_rows_from is not None:
             _train_only_rows(model, cfg.train_rows_from)
             decay = 0.0  # decoupled decay would shrink the frozen rows of the same tensors
@@ -273,6 +288,8 @@ class _Run:
         engine.set_lr(lr)
         rank_batch = shard(batch_examples, self.rank, self.world)  # data parallel
         batch = collate(rank_batch, self.images, self.tok.pad_token_id, self.texts)
+        if self.factorized and batch_examples[0].task in ID_TASKS:  # scored among siblings
+            batch["label_choices"] = label_choices(batch["labels"], self.index.trie)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         if self.gallery is not None and batch_examples[0].task == "retrieve":
             sample = torch.Generator().manual_seed(cfg.seed * 100_003 + self.global_step)
@@ -281,8 +298,8 @@ class _Run:
         with engine.autocast():
             loss = engine.model(**batch).loss
             if self.cached_negatives is not None:
-                head = engine.module.get_output_embeddings()
-                loss = loss + self.cached_negatives.loss_sum(head) * self.negatives_weight
+                negatives = self.cached_negatives.loss_sum(engine.module)
+                loss = loss + negatives * self.negatives_weight
         engine.backward(loss)
         grad_norm = engine.step()
         self.global_step += 1
@@ -430,7 +447,7 @@ def _cached_negatives(engine, negatives, index, processor, root, cfg, tasks, tex
 
     Of the tasks this run trains, in its mix: memorize examples ``memorize_repeats`` times.
     """
-    from grace.training.cached_negatives import ID_TASKS, cache_negatives
+    from grace.training.cached_negatives import cache_negatives
 
     images = ImageInputs(processor, negatives, root)
     id_tasks = [t for t in tasks if t in ID_TASKS]
@@ -450,6 +467,7 @@ def _cached_negatives(engine, negatives, index, processor, root, cfg, tasks, tex
         examples,
         images,
         texts,
+        index.trie,
         pad,
         cfg.train_rows_from,
         engine.device,
@@ -458,41 +476,72 @@ def _cached_negatives(engine, negatives, index, processor, root, cfg, tasks, tex
 
 
 def _train_only_rows(model: torch.nn.Module, start: int) -> None:
-    """Freeze everything but the embedding and output rows ``start:``.
+    """Freeze everything but the embedding and output rows of tokens ``start:``.
 
     Gradients of the other rows are zeroed, so Adam (whose moments stay zero) and clipping
-    leave them as they are.
+    leave them as they are. A model with an identifier table (lite) trains rows of that table;
+    others, rows of their grown vocabulary.
     """
-    tables = {
-        id(t.weight): t.weight
-        for t in (model.get_input_embeddings(), model.get_output_embeddings())
-    }
-    rows = model.get_input_embeddings().weight.shape[0]
-    if not 0 < start < rows:
+    table = getattr(model, "identifiers", None)
+    if table is not None and hasattr(table, "offset"):
+        first, tensors = start - table.offset, (table.inputs, table.outputs)
+        rows = table.offset + table.rows
+    else:
+        embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
+        first, tensors = start, tuple({id(t.weight): t.weight for t in embeddings}.values())
+        rows = model.get_input_embeddings().weight.shape[0]
+    if not 0 <= first < tensors[0].shape[0]:
         raise GraceError(
-            f"train_rows_from={start} leaves no row to train: the vocabulary has {rows} rows "
-            "(only atomic identifiers add rows)"
+            f"train_rows_from={start} leaves no row to train: the model has {rows} token rows "
+            "(only atomic and per-node structured identifiers add rows)"
         )
     for p in model.parameters():
         p.requires_grad_(False)
-    for weight in tables.values():
-        keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-        keep[start:] = 1
+    for weight in tensors:
         weight.requires_grad_(True)
-        weight.register_hook(lambda grad, keep=keep: grad * keep)
+        weight.register_hook(lambda grad, first=first: _rows_from(grad, first))
+
+
+def _rows_from(grad: torch.Tensor, first: int) -> torch.Tensor:
+    """``grad`` with the rows before ``first`` zeroed (dense) or dropped (sparse)."""
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        keep = grad.indices()[0] >= first
+        return torch.sparse_coo_tensor(
+            grad.indices()[:, keep], grad.values()[keep], grad.shape, check_invariants=False
+        )
+    keep = torch.zeros(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
+    keep[first:] = 1
+    return grad * keep
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and embeddings (as in nanoGPT)."""
-    decay, no_decay = [], []
+    """No weight decay on biases, norms and embeddings (as in nanoGPT).
+
+    Parameters that get sparse gradients (identifier rows) form a group of their own, for the
+    lazy Adam that updates only the rows a step used
+    (:class:`~grace.training.engine.DenseAndSparseAdam`).
+    """
+    sparse = {
+        id(p)
+        for m in model.modules()
+        if getattr(m, "sparse", False) is True and hasattr(m, "set_sparse")
+        for p in m.parameters(recurse=False)
+    }
+    decay, no_decay, sparse_rows = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    return [
+        if id(p) in sparse:
+            sparse_rows.append(p)
+            continue
+        rows = "embed" in name or name.startswith("identifiers.")  # token rows: no decay
+        (decay if p.ndim >= 2 and not rows else no_decay).append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return groups + ([{"params": sparse_rows, "sparse": True}] if sparse_rows else [])
 
 
 def _pseudo_query_source(model: torch.nn.Module, cfg: TrainConfig) -> str:

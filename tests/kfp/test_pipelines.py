@@ -247,6 +247,22 @@ def test_the_grace_library_never_imports_kfp():
     assert offenders == []
 
 
+def test_every_entry_point_defaults_to_the_same_identifier_scheme():
+    """``grace ids assign``, the training pipeline and ``make demo`` assign the one default."""
+    import inspect
+
+    from grace.cli.ids import ids_assign
+    from grace.constants import DEFAULT_ID_SCHEME
+    from grace_kfp.pipelines.demo import demo_arguments
+    from grace_kfp.pipelines.training_pipeline import training_pipeline
+
+    pipeline = training_pipeline.pipeline_func
+    assert inspect.signature(pipeline).parameters["id_scheme"].default == DEFAULT_ID_SCHEME
+    assert inspect.signature(ids_assign).parameters["scheme"].default == DEFAULT_ID_SCHEME
+    demo = demo_arguments(ROOT, "", ROOT / "data", "sqlite:///x.db", 60.0)
+    assert demo["id_scheme"] == DEFAULT_ID_SCHEME == "structured"
+
+
 def test_pipelines_only_wire_components():
     for path in (ROOT / "pipelines").glob("*_pipeline.py"):
         tree = ast.parse(path.read_text())

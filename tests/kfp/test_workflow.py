@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from grace.cli import app
+from grace.constants import DEFAULT_ID_SCHEME
 from grace.data.imageset import read_manifest
 from grace.data.synth import synthesize
 from grace.data.versioning import commit_data
@@ -150,7 +151,7 @@ def test_registry_has_champion_with_lineage_tags(pipeline_run, tracking_uri):
     mv = client.get_model_version_by_alias("grace", CHAMPION)
     assert client.get_model_version_by_alias("grace", CHALLENGER).version == mv.version
     assert mv.tags["data.revision"] == sha
-    assert mv.tags["id_scheme"] == "numeric"
+    assert mv.tags["id_scheme"] == DEFAULT_ID_SCHEME  # the pipeline's default
     metrics = json.loads(mv.tags["metrics"])
     assert 0.0 <= metrics["grace_R@10"] <= 1.0
 

@@ -13,17 +13,38 @@ E = 9  # EOS of these hand-made identifiers
 SEQUENCES = torch.tensor([[5, 6, E], [5, 7, E], [8, E, PAD]])  # three images
 
 
+# what each labelled token of the two gold ids is chosen among (its trie node's children)
+CHOICES = torch.tensor([[5, 8], [6, 7], [E, -1], [5, 8], [E, -1]])
+
+
 def test_targets_are_the_teacher_mass_under_the_gold_prefix():
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
     gold = torch.tensor([[5, 6, E], [8, E, PAD]])  # query 0 is about image 0, query 1 image 2
-    got = soft_id_targets(probs, SEQUENCES, gold, vocab=10)
-    want = torch.zeros(5, 10)
-    want[0, 5], want[0, 8] = 0.8, 0.2  # query 0, first token: every image
-    want[1, 6], want[1, 7] = 0.625, 0.375  # after "5": images 0 and 1, renormalised
-    want[2, E] = 1.0  # after "5 6": image 0 alone
-    want[3, 5], want[3, 8] = 0.2, 0.8  # query 1, first token
-    want[4, E] = 1.0  # after "8": image 2 alone
+    got = soft_id_targets(probs, SEQUENCES, gold, CHOICES)
+    want = torch.tensor(
+        [
+            [0.8, 0.2],  # query 0, first token: every image
+            [0.625, 0.375],  # after "5": images 0 and 1, renormalised
+            [1.0, 0.0],  # after "5 6": image 0 alone
+            [0.2, 0.8],  # query 1, first token
+            [1.0, 0.0],  # after "8": image 2 alone
+        ]
+    )
     torch.testing.assert_close(got, want)
+
+
+def test_choices_are_the_trie_children_along_the_gold_path():
+    from grace.retrieval.trie import Trie
+    from grace.training.choices import label_choices
+
+    trie = Trie([[5, 6], [5, 7], [8]], eos_token_id=E)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    labels[0, 2:] = torch.tensor([5, 6, E])
+    labels[1, 3:] = torch.tensor([8, E])
+    assert label_choices(labels, trie).tolist() == CHOICES.tolist()
+    labels[1, 3] = 6  # no identifier starts with 6
+    with pytest.raises(ValueError, match="label row 1: token 6 at answer position 0"):
+        label_choices(labels, trie)
 
 
 def test_gold_sequences_read_the_labelled_tokens_and_refuse_longer_answers():
@@ -41,12 +62,13 @@ def test_loss_is_smallest_when_the_logits_match_the_targets():
     probs = torch.tensor([[0.5, 0.3, 0.2]])
     labels = torch.full((1, 4), IGNORE_INDEX)
     labels[0, 1:] = torch.tensor([5, 6, E])
-    targets = soft_id_targets(probs, SEQUENCES, gold_sequences(labels, 3), vocab=10)
-    matched = targets.clamp(min=1e-9).log()
-    hard = torch.full((3, 10), -20.0)
-    hard[torch.arange(3), torch.tensor([5, 6, E])] = 0.0  # the gold tokens only
-    assert distillation_loss(matched, labels, probs, SEQUENCES) < distillation_loss(
-        hard, labels, probs, SEQUENCES
+    choices = CHOICES[:3]
+    targets = soft_id_targets(probs, SEQUENCES, gold_sequences(labels, 3), choices)
+    matched = targets.clamp(min=1e-9).log().masked_fill(choices < 0, float("-inf"))
+    hard = torch.full((3, 2), -20.0).masked_fill(choices < 0, float("-inf"))
+    hard[:, 0] = 0.0  # the gold tokens only
+    assert distillation_loss(matched, labels, probs, SEQUENCES, choices) < distillation_loss(
+        hard, labels, probs, SEQUENCES, choices
     )
 
 

@@ -22,6 +22,7 @@ from grace.retrieval.beam_search import generate_beam_search, trie_beam_search
 from grace.retrieval.index import IdentifierIndex
 from grace.retrieval.retriever import GraceRetriever
 from grace.training import train
+from grace.training.choices import label_choices
 from grace.training.config import TrainConfig
 from grace.training.distillation import IdGallery
 from grace.training.examples import ImageInputs, TextInputs, build_examples, collate
@@ -41,6 +42,35 @@ def backbone(lite_set):
     _, records = lite_set
     texts = [c for r in records for c in r.captions] + ["Which image shows:"]
     return build_lite_backbone(texts, SMALL_LITE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def id_backbone(lite_set):
+    """A lite backbone whose structured per-node ids live in its identifier table."""
+    from grace.models.backbone import add_identifier_vocabulary
+
+    root, records = lite_set
+    id_map = assign_identifiers(
+        records, "structured", params={"k": 2, "c": 3}, embedder=_PixelEmbedder(), root=root
+    )
+    texts = [c for r in records for c in r.captions] + ["Which image shows:"]
+    model, processor = build_lite_backbone(texts, SMALL_LITE, seed=1)
+    add_identifier_vocabulary(model, processor, id_map.new_tokens())
+    with torch.no_grad():  # apart from each other, so the children's scores differ
+        model.identifiers.outputs.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        model.identifiers.inputs.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    return model.eval(), processor, id_map
+
+
+class _PixelEmbedder:
+    """Mean colour of each image: embeddings enough to build a k-means tree from."""
+
+    def embed_images(self, paths):
+        import numpy as np
+
+        return np.stack(
+            [np.asarray(Image.open(p).convert("RGB"), np.float32).mean((0, 1)) for p in paths]
+        )
 
 
 def _images(root: Path, records) -> list[Image.Image]:
@@ -284,6 +314,7 @@ def test_retrieve_batches_with_the_gallery_add_the_weighted_distillation_loss(ba
         records, index, processor, images, TrainConfig().prompts, ("retrieve",), texts=texts
     )
     batch = collate(examples[:4], images, processor.tokenizer.pad_token_id, texts)
+    batch["label_choices"] = label_choices(batch["labels"], index.trie)
     gallery = IdGallery.build(images, index)
     assert gallery.sequences.shape[0] == len(records)
     out = model(**batch, **gallery.inputs())
@@ -291,6 +322,103 @@ def test_retrieve_batches_with_the_gallery_add_the_weighted_distillation_loss(ba
     query = model.model.sentence_projector(batch["sentence_features"])
     probs = model.gallery_probs(query, gallery.features["image_features"])
     torch.testing.assert_close(probs.sum(1), torch.ones(4))
-    extra = distillation_loss(out.logits, batch["labels"], probs, gallery.sequences)
+    extra = distillation_loss(
+        out.logits, batch["labels"], probs, gallery.sequences, batch["label_choices"]
+    )
     torch.testing.assert_close(out.loss, plain.loss + model.config.distill_weight * extra)
     assert extra > 0
+
+
+def test_identifier_rows_are_a_table_of_their_own_saved_and_loaded(id_backbone, tmp_path):
+    model, processor, id_map = id_backbone
+    v, rows = model.text_vocab_size, model.identifiers.rows
+    assert rows == len(id_map.new_tokens()) > 0
+    assert len(processor.tokenizer) == v + rows
+    assert model.lm_head.weight.shape[0] == model.get_input_embeddings().weight.shape[0] == v
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    m2, _ = load_backbone(tmp_path)
+    assert m2.config.identifier_rows == rows
+    torch.testing.assert_close(m2.identifiers.outputs, model.identifiers.outputs)
+    tokens = torch.tensor([[3, v, v + rows - 1]])
+    torch.testing.assert_close(m2.token_embeddings(tokens), model.token_embeddings(tokens))
+    want = torch.cat([model.lm_head.weight[3:4], model.identifiers.outputs[[0, -1]]])
+    torch.testing.assert_close(model.output_rows(tokens)[0], want)
+
+
+@pytest.mark.parametrize("task", ["memorize", "retrieve"])
+def test_identifier_loss_is_the_dense_softmax_renormalized_over_the_siblings(
+    id_backbone, lite_set, task
+):
+    """The children-only loss equals the dense reference: full logits over text and identifier
+    rows, each labelled token's softmax restricted to its trie node's children."""
+    model, processor, id_map = id_backbone
+    root, records = lite_set
+    index = IdentifierIndex.build(id_map, processor.tokenizer)
+    images, texts = ImageInputs(processor, records, root), TextInputs(processor)
+    examples = build_examples(
+        records, index, processor, images, TrainConfig().prompts, (task,), texts=texts
+    )
+    batch = collate([e for e in examples if e.task == task][:5], images,
+                    processor.tokenizer.pad_token_id, texts)  # fmt: skip
+    labels = batch.pop("labels")
+    choices = label_choices(labels, index.trie)
+    assert choices.shape[1] < len(processor.tokenizer) // 10  # a node's children, not the vocab
+    with torch.no_grad():
+        full = model(**batch).logits[:, :-1][labels[:, 1:] != -100]  # (labelled, V + N)
+        out = model(**batch, labels=labels, label_choices=choices)
+    y = labels[:, 1:][labels[:, 1:] != -100]
+    allowed = torch.zeros(full.shape, dtype=torch.long)
+    allowed.scatter_add_(1, choices.clamp(min=0), (choices >= 0).long())
+    masked = full.masked_fill(allowed == 0, float("-inf"))
+    want = (masked.logsumexp(1) - full.gather(1, y[:, None])[:, 0]).mean()
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-5)
+    assert out.logits.shape == choices.shape
+
+
+def test_a_step_touches_only_the_identifier_rows_its_batch_uses(id_backbone, lite_set):
+    """Sparse gradients: the rows a batch's children name, nothing of the table's size."""
+    model, processor, id_map = id_backbone
+    root, records = lite_set
+    index = IdentifierIndex.build(id_map, processor.tokenizer)
+    images, texts = ImageInputs(processor, records, root), TextInputs(processor)
+    examples = build_examples(
+        records, index, processor, images, TrainConfig().prompts, ("memorize",), texts=texts
+    )
+    batch = collate(examples[:2], images, processor.tokenizer.pad_token_id, texts)
+    choices = label_choices(batch["labels"], index.trie)
+    model.zero_grad(set_to_none=True)
+    model(**batch, label_choices=choices).loss.backward()
+    grad = model.identifiers.outputs.grad
+    assert grad.is_sparse
+    used = set(choices[choices >= model.text_vocab_size].tolist())
+    touched = set((grad.coalesce().indices()[0] + model.text_vocab_size).tolist())
+    assert touched == used and len(used) < model.identifiers.rows
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_search_over_identifier_rows_ranks_as_the_dense_reference(
+    id_backbone, lite_set, with_image
+):
+    """Identifier tokens past the text vocabulary, fed back through the identifier table and
+    scored from their output rows, rank as ``generate`` over the full logits renormalized."""
+    model, processor, id_map = id_backbone
+    root, records = lite_set
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    index = IdentifierIndex.build(id_map, tok)
+    if with_image:
+        prompt = user_turn(processor, "Which identifier?", with_image=True)
+        inputs = processor(text=[prompt] * 3, images=[[p] for p in _images(root, records[:3])])
+    else:
+        texts = ["Which image shows: a red disc", "Which image shows: a big blue square on top"]
+        prompts = [user_turn(processor, t, with_image=False) for t in texts]
+        inputs = processor(text=prompts, padding=True)
+    kw = dict(num_beams=4, max_new_tokens=5, pad_token_id=tok.pad_token_id)
+    ours = trie_beam_search(model, dict(inputs), index.trie, **kw)
+    ref = generate_beam_search(model, dict(inputs), index.trie, **kw)
+    width = ref.sequences.shape[2]
+    assert torch.equal(ours.sequences[..., :width], ref.sequences)
+    torch.testing.assert_close(ours.scores, ref.scores, rtol=1e-5, atol=1e-5)
+    assert (ours.sequences[..., 0] >= model.text_vocab_size).all()  # identifier rows

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from grace.data.records import ImageRecord
 from grace.data.synth import synthesize
@@ -313,8 +312,9 @@ def test_only_new_ids_leaves_every_old_weight_and_old_answer_as_it_was(lite_base
     new_state, old_state = cand.model.state_dict(), lb.base.model.state_dict()
     for name, old in old_state.items():
         new = new_state[name]
-        if new.shape != old.shape:  # the embedding tables grew by the new ids' rows
-            torch.testing.assert_close(new[:old_rows], old[:old_rows], rtol=0, atol=0)
+        if new.shape != old.shape:  # the identifier tables grew by the new ids' rows
+            assert name.startswith("identifiers.") and new.shape[0] > old.shape[0]
+            torch.testing.assert_close(new[: old.shape[0]], old, rtol=0, atol=0)
         else:
             torch.testing.assert_close(new, old, rtol=0, atol=0, msg=name)
     found = lb.memorized(cand, lb.after)
@@ -340,7 +340,11 @@ def test_cached_negatives_keep_old_images_on_their_ids_without_replay(lite_base,
     old_keys = [r.key for r in lb.before]
     assert sum(a == k for a, k in zip(lb.memorized(alone, lb.before), old_keys, strict=True)) < 9
     assert lb.memorized(cached, lb.before) == old_keys
-    assert lb.memorized(cached, lb.after[10:]) == [r.key for r in lb.after[10:]]
+    # one new image lies next to an old one in this 64-wide toy: scored among the root's
+    # children only (no EOS-position competition any more), its id needs more epochs than
+    # the negatives leave it (BENCHMARKS.md#incremental-updates measures the 1000-image case)
+    new_found = lb.memorized(cached, lb.after[10:])
+    assert sum(f == r.key for f, r in zip(new_found, lb.after[10:], strict=True)) >= 3
     for gm in (alone, cached):
         m = evaluate_old_new(gm, lb.after, lb.root, plan, base=lb.base)
         for k in ("grace_R@1", "grace_R@10", "memorization"):
@@ -366,7 +370,8 @@ def test_the_default_update_of_atomic_ids_trains_the_new_rows_alone(lite_base, t
     assert {k: used[k] for k in ROWS_TRAINING} == ROWS_TRAINING
     assert cand.info["cached_negatives"]["images"] == len(lb.before) - len(plan.replay)
     found = lb.memorized(cand, lb.after)
-    assert found[:10] == [r.key for r in lb.before]  # no new id took an old image
+    # at most the one old image that a new one lies next to in this toy (see the test above)
+    assert sum(f == r.key for f, r in zip(found[:10], lb.before, strict=True)) >= 9
     # most new images in 50 steps (chance: none); this 64-wide model needs ~150 epochs for all
     # (the test above), the default backbone's 100 new images get there (BENCHMARKS.md)
     assert sum(f == r.key for f, r in zip(found[10:], lb.after[10:], strict=True)) >= 2
@@ -394,13 +399,15 @@ def test_only_new_ids_is_refused_for_ids_without_tokens_of_their_own(increment, 
 
 @pytest.mark.slow
 def test_cached_negatives_are_the_model_s_own_cross_entropy(lite_base):
-    """The cached answers' loss is exactly the summed token cross-entropy the model computes on
-    those examples (the same positions, the whole vocabulary), an example listed twice (as
-    ``memorize_repeats`` lists it) counted twice but run once, and only rows ``start:`` get a
-    gradient from it."""
+    """The cached answers' loss is exactly the summed cross-entropy the model computes on those
+    examples, each token's softmax over its trie node's children (dense reference: full
+    logits, restricted to the children), at the positions where a trained row competes; an
+    example listed twice (as ``memorize_repeats`` lists it) counted twice but run once, and
+    only the trained rows get a gradient from it."""
     from grace.models.backbone import tokenizer_of
     from grace.retrieval.index import IdentifierIndex
     from grace.training.cached_negatives import cache_negatives
+    from grace.training.choices import label_choices
     from grace.training.examples import ImageInputs, TextInputs, build_examples, collate
 
     lb = lite_base
@@ -413,21 +420,30 @@ def test_cached_negatives_are_the_model_s_own_cross_entropy(lite_base):
     every = build_examples(lb.before, index, processor, images, lb.cfg.prompts, tasks, texts=texts)
     examples = [e for e in every if max(e.input_ids) < start]
     twice = [e for e in examples if e.task == "memorize"]
-    fixed = cache_negatives(model, examples + twice, images, texts, tok.pad_token_id, start,
-                            torch.device("cpu"))  # fmt: skip
-    assert len(fixed) == sum(len(e.input_ids) - e.n_prompt for e in examples)  # run once
-    want = 0.0
+    fixed = cache_negatives(model, examples + twice, images, texts, index.trie, tok.pad_token_id,
+                            start, torch.device("cpu"))  # fmt: skip
+    want, competing = 0.0, 0
     for task, times in (("memorize", 2), ("retrieve", 1)):
         batch = collate([e for e in examples if e.task == task], images, tok.pad_token_id, texts)
+        choices = label_choices(batch["labels"], index.trie)
         labels = batch.pop("labels")[:, 1:]
         with torch.no_grad():
             logits = model(**batch).logits[:, :-1]
         answer = labels != -100
-        ce = F.cross_entropy(logits[answer], labels[answer], reduction="sum").item()
-        want += times * ce
-    head = model.get_output_embeddings()
-    got = fixed.loss_sum(head)
+        full, y = logits[answer], labels[answer]
+        allowed = torch.zeros(full.shape, dtype=torch.long)
+        allowed.scatter_add_(1, choices.clamp(min=0), (choices >= 0).long())
+        ce = (
+            full.masked_fill(allowed == 0, float("-inf")).logsumexp(1)
+            - full.gather(1, y[:, None])[:, 0]
+        )
+        keep = (choices >= start).any(1)
+        want += times * ce[keep].sum().item()
+        competing += int(keep.sum())
+    assert len(fixed) == competing > 0  # run once; only where a trained row competes
+    got = fixed.loss_sum(model)
     assert got.item() == pytest.approx(want, rel=1e-4)
     got.backward()
-    grad, head.weight.grad = head.weight.grad, None
-    assert grad[:start].abs().max() == 0 and grad[start:].abs().max() > 0
+    grad, model.identifiers.outputs.grad = model.identifiers.outputs.grad, None
+    rows = grad.coalesce().indices()[0] + model.text_vocab_size
+    assert rows.numel() and (rows >= start).all()

@@ -41,6 +41,10 @@ class GraceLiteConfig(PreTrainedConfig):
         distill_weight (`float`, *optional*, defaults to `0.0`):
             Weight of the soft id targets from the alignment's ranking
             (:mod:`grace.models.lite.losses`); 0: off, as in models saved before it existed.
+        identifier_rows (`int`, *optional*, defaults to `0`):
+            Identifier tokens after the text vocabulary, held in their own table
+            (:mod:`grace.models.lite.identifier_table`); the tokenizer has
+            ``text_config.vocab_size + identifier_rows`` tokens.
         initializer_range (`float`, *optional*, defaults to `0.02`):
             Standard deviation of the random init.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
@@ -60,5 +64,6 @@ class GraceLiteConfig(PreTrainedConfig):
     alignment_weight: float = 1.0
     alignment_temperature: float = 0.05
     distill_weight: float = 0.0
+    identifier_rows: int = 0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False

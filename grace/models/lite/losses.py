@@ -31,26 +31,40 @@ def gold_sequences(labels: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def soft_id_targets(
-    image_probs: torch.Tensor, sequences: torch.Tensor, gold: torch.Tensor, vocab: int
+    image_probs: torch.Tensor, sequences: torch.Tensor, gold: torch.Tensor, choices: torch.Tensor
 ) -> torch.Tensor:
-    """Per labelled token, the distribution over the vocabulary that ``image_probs`` implies.
+    """Per labelled token, the distribution over its choices that ``image_probs`` implies.
 
     ``image_probs`` ``(batch, images)``: the teacher's probability of each gallery image for a
     query; ``sequences`` ``(images, L)`` their identifiers; ``gold`` ``(batch, L)`` each query's
-    own identifier. At position ``j`` the target of token ``t`` is the mass of the images whose
-    identifier starts with the gold's first ``j`` tokens and has ``t`` next, renormalised.
-    Returns ``(labelled tokens, vocab)`` rows in the order of ``gold != PAD`` (row-major), the
-    order of the lite model's answer logits.
+    own identifier; ``choices`` ``(labelled tokens, K)`` the trie children each labelled token
+    is chosen among (ascending, -1 padded; rows in the order of ``gold != PAD``, row-major).
+    At position ``j`` the target of choice ``t`` is the mass of the images whose identifier
+    starts with the gold's first ``j`` tokens and has ``t`` next, renormalised: a distribution
+    over the same children the answer's softmax is over, so nothing here grows with the
+    vocabulary. Returns ``(labelled tokens, K)``.
     """
     batch, width = gold.shape
-    out = torch.zeros(batch, width, vocab, dtype=image_probs.dtype, device=image_probs.device)
+    row_of = torch.full((batch, width), -1, dtype=torch.long, device=gold.device)
+    labelled = gold != PAD
+    row_of[labelled] = torch.arange(int(labelled.sum()), device=gold.device)
+    # sorted, with the padding last, so that ``searchsorted`` finds each image's next token
+    big = torch.iinfo(torch.long).max
+    ordered = torch.where(choices < 0, big, choices)
+    out = torch.zeros(choices.shape, dtype=image_probs.dtype, device=image_probs.device)
     same_prefix = torch.ones(batch, sequences.shape[0], dtype=torch.bool, device=gold.device)
     for j in range(width):
         if j:
             same_prefix &= sequences[None, :, j - 1] == gold[:, j - 1, None]
-        weight = image_probs * same_prefix
-        out[:, j].index_add_(1, sequences[:, j].clamp(min=0), weight * (sequences[:, j] != PAD))
-    out = out[gold != PAD]
+        queries = torch.nonzero(labelled[:, j]).flatten()
+        if not queries.numel():
+            continue
+        rows = row_of[queries, j]
+        nxt = sequences[:, j].expand(queries.numel(), -1).contiguous()
+        slot = torch.searchsorted(ordered[rows], nxt).clamp(max=choices.shape[1] - 1)
+        hit = ordered[rows].gather(1, slot) == nxt
+        weight = image_probs[queries] * (same_prefix[queries] & hit & (nxt != PAD))
+        out[rows] = out[rows].scatter_add(1, slot, weight)
     return out / out.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
@@ -59,18 +73,21 @@ def distillation_loss(
     labels: torch.Tensor,
     image_probs: torch.Tensor,
     sequences: torch.Tensor,
+    choices: torch.Tensor,
 ) -> torch.Tensor:
     """Cross-entropy of the answer logits against the soft targets of :func:`soft_id_targets`.
 
     Args:
-        answer_logits: ``(labelled tokens, vocab)`` logits of the labelled positions.
+        answer_logits: ``(labelled tokens, K)`` logits of the labelled tokens' choices.
         labels: ``(batch, seq)`` labels of the retrieve batch (``IGNORE_INDEX`` off the answers).
         image_probs: ``(batch, images)`` the teacher's probability of each gallery image.
         sequences: ``(images, L)`` the gallery's identifier tokens + EOS, then ``PAD``.
+        choices: ``(labelled tokens, K)`` what each labelled token is chosen among.
 
     Returns:
         The mean cross-entropy, a scalar.
     """
     gold = gold_sequences(labels, sequences.shape[1])
-    targets = soft_id_targets(image_probs, sequences, gold, answer_logits.shape[-1])
-    return -(targets * answer_logits.float().log_softmax(-1)).sum(-1).mean()
+    targets = soft_id_targets(image_probs, sequences, gold, choices)
+    log_probs = answer_logits.float().log_softmax(-1).masked_fill(choices < 0, 0.0)
+    return -(targets * log_probs).sum(-1).mean()

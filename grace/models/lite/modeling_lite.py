@@ -26,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from grace.constants import IGNORE_INDEX
 from grace.models.backbone import llama_text_config, seeded_model
 from grace.models.lite.configuration_lite import MODEL_TYPE, GraceLiteConfig
+from grace.models.lite.identifier_table import IdentifierTable
 from grace.models.lite.losses import distillation_loss
 from grace.models.lite.processing_lite import IMAGE_TOKEN, SENTENCE_TOKEN, GraceLiteProcessor
 from grace.models.settings import LiteBackboneConfig
@@ -62,6 +63,9 @@ class GraceLitePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["LlamaDecoderLayer"]
     _supports_sdpa = True
+    # models saved before the identifier table hold their ids in the text vocabulary: an empty
+    # table is what they load into, not a missing weight
+    _keys_to_ignore_on_load_missing = [r"^identifiers\.(inputs|outputs)$"]
 
 
 class GraceLiteModel(GraceLitePreTrainedModel):
@@ -94,7 +98,73 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
         self.model = GraceLiteModel(config)
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.identifiers = IdentifierTable(
+            config.identifier_rows, text.hidden_size, text.vocab_size
+        )
         self.post_init()
+
+    # ---- identifier tokens: their own rows, scored among a tree node's children ----------------
+
+    @property
+    def text_vocab_size(self) -> int:
+        """Tokens below this are text (``lm_head``), the rest identifiers (``identifiers``)."""
+        return self.config.text_config.vocab_size
+
+    def grow_identifier_rows(self, tokens: int) -> None:
+        """Make room for a tokenizer of ``tokens`` tokens: identifier rows after the text ones.
+
+        New rows start at the mean of the existing rows of each table, as
+        ``resize_token_embeddings(mean_resizing=True)`` would start them.
+        """
+        table, embed = self.identifiers, self.get_input_embeddings().weight
+        inputs = table.inputs if table.rows else embed
+        outputs = table.outputs if table.rows else self.lm_head.weight
+        table.grow(tokens - self.text_vocab_size, inputs.mean(0), outputs.mean(0))
+        self.config.identifier_rows = table.rows
+
+    def _split(self, tokens: torch.Tensor, text_rows: torch.Tensor, id_rows) -> torch.Tensor:
+        """Rows of ``tokens``: ``text_rows`` below the text vocabulary, ``id_rows(t)`` above."""
+        v = self.text_vocab_size
+        is_id = tokens >= v
+        rows = F.embedding(tokens.clamp(max=v - 1), text_rows)
+        if not bool(is_id.any()):
+            return rows
+        # only the identifiers used are gathered: their sparse gradient names no other row
+        return rows.masked_scatter(is_id[..., None], id_rows(tokens[is_id]).to(rows.dtype))
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of any tokens, text or identifier."""
+        return self._split(tokens, self.get_input_embeddings().weight, self.identifiers.input_rows)
+
+    def output_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(*tokens.shape, hidden)`` the output rows of any tokens, text or identifier.
+
+        What a trie-constrained step multiplies its hidden state with: the rows of a node's
+        children only (:mod:`grace.retrieval.beam_search`).
+        """
+        return self._split(tokens, self.lm_head.weight, self.identifiers.output_rows)
+
+    def choice_logits(self, hidden: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+        """``(n, K)`` logits of ``choices`` ``(n, K)`` (padded with -1: ``-inf``) at ``hidden``.
+
+        Positions share children (siblings, the same node): each distinct token's row is
+        gathered once and one matmul scores them all, ``(n, distinct)``.
+        """
+        tokens, where = torch.unique(choices.clamp(min=0), return_inverse=True)
+        rows = self.output_rows(tokens)
+        logits = (hidden.to(rows.dtype) @ rows.T).float().gather(1, where)
+        return logits.masked_fill(choices < 0, float("-inf"))
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over every token, text then identifiers: for ``generate`` and references.
+
+        O(vocabulary) per position: retrieval and training score children only.
+        """
+        logits = self.lm_head(hidden)
+        if self.identifiers.rows:
+            ids = hidden @ self.identifiers.outputs.to(hidden.dtype).T
+            logits = torch.cat([logits, ids], dim=-1)
+        return logits
 
     def _scatter(
         self, embeds: torch.Tensor, ids: torch.Tensor, token: int, values: torch.Tensor
@@ -120,7 +190,7 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
         Returns the embeddings and the projected query (for the alignment loss), or ``None``.
         """
         cfg, query = self.config, None
-        embeds = self.get_input_embeddings()(input_ids)
+        embeds = self.token_embeddings(input_ids)
         if image_features is not None:
             projected = self.model.image_projector(image_features)
             embeds = self._scatter(embeds, input_ids, cfg.image_token_id, projected)
@@ -155,6 +225,7 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
         id_gallery_features: torch.Tensor | None = None,
         id_gallery_sequences: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        label_choices: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -174,33 +245,62 @@ class GraceLiteForConditionalGeneration(GraceLitePreTrainedModel, GenerationMixi
         hidden = out.last_hidden_state
         loss = None
         if labels is not None:
-            logits, loss = self._answer_loss(hidden, labels)
+            logits, loss = self._answer_loss(hidden, labels, label_choices)
             if gold_image_features is not None and query is not None and cfg.alignment_weight:
                 loss = loss + cfg.alignment_weight * self.alignment_loss(query, gold_image_features)
             if id_gallery_features is not None and query is not None and cfg.distill_weight:
+                if label_choices is None:
+                    raise ValueError("distillation scores identifier answers: pass label_choices")
                 probs = self.gallery_probs(query, id_gallery_features)
                 loss = loss + cfg.distill_weight * distillation_loss(
-                    logits, labels, probs, id_gallery_sequences
+                    logits, labels, probs, id_gallery_sequences, label_choices
                 )
         else:
             if isinstance(logits_to_keep, int) and logits_to_keep:
                 hidden = hidden[:, -logits_to_keep:]
-            logits = self.lm_head(hidden)
+            logits = self.full_logits(hidden)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
     def _answer_loss(
-        self, hidden: torch.Tensor, labels: torch.Tensor
+        self, hidden: torch.Tensor, labels: torch.Tensor, choices: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token cross-entropy, mean over the labelled tokens (transformers' causal LM loss).
 
-        The head is applied at the labelled positions only: an answer is a few of a prompt's
-        tokens, and the head (one row per image with atomic or per-node ids) dominates a step.
-        Returns the logits of the labelled positions, ``(n_labels, vocab)``, and the loss.
+        An identifier answer (``choices`` given, one row per labelled token, in row-major order)
+        is scored among its trie node's children, the gold token's siblings: the factorized
+        softmax that beam search ranks with, at a cost that does not grow with the catalog. A
+        text answer (describe, caption) is scored over the text vocabulary.
+        Returns the logits of the labelled positions, ``(n_labels, K or vocab)``, and the loss.
         """
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden[:, :-1][keep])
-        return logits, F.cross_entropy(logits.float(), targets[keep])
+        h, y = hidden[:, :-1][keep], targets[keep]
+        if choices is None:
+            if bool((y >= self.text_vocab_size).any()):
+                raise ValueError("identifier tokens among the labels: pass label_choices")
+            logits = self.lm_head(h).float()
+            return logits, F.cross_entropy(logits, y)
+        if choices.shape[0] != y.shape[0]:
+            raise ValueError(f"{y.shape[0]} labelled tokens but {choices.shape[0]} choice rows")
+        gold = choices == y[:, None]
+        if not bool(gold.any(1).all()):
+            raise ValueError("a labelled token is not among its position's choices")
+        logits = self.choice_logits(h, choices)
+        return logits, F.cross_entropy(logits, gold.float().argmax(1))
+
+    def answer_hidden(self, labels: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """``(n_labels, hidden)`` the decoder's output at the labelled tokens' positions.
+
+        What :mod:`grace.training.cached_negatives` keeps of a frozen model's answers.
+        """
+        embeds, _ = self._embed(
+            inputs["input_ids"], inputs.get("image_features"), inputs.get("sentence_features")
+        )
+        out = self.model.text_model(
+            inputs_embeds=embeds, attention_mask=inputs.get("attention_mask")
+        )
+        keep = labels[:, 1:] != IGNORE_INDEX
+        return out.last_hidden_state[:, :-1][keep]
 
     def alignment_loss(
         self, query: torch.Tensor, gold_image_features: torch.Tensor
