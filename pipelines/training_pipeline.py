@@ -8,6 +8,7 @@ settings).
 """
 
 from kfp import dsl
+
 from grace_kfp.components.assign_identifiers import assign_identifiers
 from grace_kfp.components.evaluate import evaluate
 from grace_kfp.components.memorize import memorize

@@ -194,8 +194,9 @@ def test_structured_extend_fills_leaf_then_opens_a_new_one():
     m2 = m.extend(new, embedder=Fixed())
     new_ids = [m2.ids[r.key][0] for r in new]
     assert len(set(new_ids)) == 5 and all(m2.ids[r.key] == m.ids[r.key] for r in old)
-    # the first full leaf cannot take them: a new leaf (branch index >= 2) is opened
-    assert any(int(i.split()[0].split("_")[1]) >= 2 for i in new_ids)
+    # the first full leaf cannot take them and the root has its k=2 children, so the leaf
+    # spills: an overflow child named past its positions (index >= c=3) that opens new leaves
+    assert any(int(i.split()[1].split("_")[1]) >= 3 for i in new_ids)
 
 
 def test_structured_needs_an_embedder():
