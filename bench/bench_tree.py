@@ -23,7 +23,13 @@ import numpy as np
 from bench_query import machine_line  # bench/ is on sys.path
 from benchmarks_md import write_section
 
-from grace.identifiers.structured import _place_many, structured_identifiers, tree_stats
+from grace.identifiers.structured import (
+    DEFAULT_C,
+    DEFAULT_K,
+    _place_many,
+    structured_identifiers,
+    tree_stats,
+)
 
 DIM = 384  # MiniLM's width, as bench_scaling
 
@@ -72,8 +78,8 @@ def _one(n: int, k: int, c: int, extend: int, seed: int, threads: int, out: mp.Q
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="10000,100000,1000000")
-    p.add_argument("--k", type=int, default=30)
-    p.add_argument("--c", type=int, default=100)
+    p.add_argument("--k", type=int, default=DEFAULT_K)
+    p.add_argument("--c", type=int, default=DEFAULT_C)
     p.add_argument("--extend", type=int, default=1000, help="new images placed after the build")
     p.add_argument("--threads", type=int, default=2, help="FAISS threads (the machine's cores)")
     p.add_argument("--seed", type=int, default=0)

@@ -164,35 +164,82 @@ def evaluate_cmd(
 @app.command("bench")
 @reports_errors
 def bench_cmd(
-    out: Annotated[Path, typer.Option(help="Folder for query_latency.png and .json.")] = Path(
+    out: Annotated[Path, typer.Option(help="Folder for the JSON (and plot) it writes.")] = Path(
         "work/bench"
+    ),
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="schemes: query and training-step cost of each identifier scheme (the "
+            "default's first); search: the trie beam search against transformers' generate "
+            "and dense retrieval, numeric ids."
+        ),
+    ] = "schemes",
+    schemes: Annotated[str, typer.Option(help="--kind schemes: comma-separated schemes.")] = (
+        "structured,atomic,numeric"
     ),
     sizes: Annotated[str, typer.Option(help="Comma-separated id counts.")] = (
         "1000,10000,100000,1000000"
     ),
     threads: int = 1,
     backbone: Annotated[
-        str, typer.Option(help="tiny, or lite (its MiniLM query encoding is timed too).")
+        str,
+        typer.Option(help="--kind search: tiny, or lite (its MiniLM query encoding is timed)."),
     ] = "tiny",
     queries: int = 16,
     batch_size: int = 16,
     beams: int = 10,
     repeats: int = 7,
-    reference: Annotated[bool, typer.Option(help="Also time transformers' generate.")] = True,
+    reference: Annotated[
+        bool, typer.Option(help="--kind search: also time transformers' generate.")
+    ] = True,
     mlflow_uri: Annotated[
         str | None,
         typer.Option(envvar="MLFLOW_TRACKING_URI", help="Log params, metrics and the plot here."),
     ] = None,
 ) -> None:
-    """Query latency against catalog size: trie beam search against dense retrieval."""
+    """What a query and a training step cost against the catalog's size.
+
+    By default per identifier scheme (structured, the default, then atomic and numeric), with
+    dense brute force and FAISS in the same run; ``--kind search`` compares search engines.
+    """
     from grace.atomic_io import write_text
-    from grace.evaluation.latency_report import log_to_mlflow, markdown_report, plot_latency
-    from grace.evaluation.query_latency import BACKBONES, QueryBenchConfig, run_query_benchmark
 
     try:
         size_list = [int(s) for s in sizes.split(",")]
     except ValueError:
         raise GraceError(f"--sizes {sizes!r}: expected comma-separated integers") from None
+    if kind == "schemes":
+        from grace.evaluation import scheme_cost
+
+        names = [s.strip() for s in schemes.split(",") if s.strip()]
+        unknown = sorted(set(names) - set(scheme_cost.SCHEMES))
+        if unknown or not names:
+            raise GraceError(
+                f"--schemes {schemes!r}: expected some of {', '.join(scheme_cost.SCHEMES)}"
+            )
+        cfg = scheme_cost.SchemeCostConfig(
+            sizes=size_list,
+            schemes=names,
+            num_beams=beams,
+            batch_size=batch_size,
+            queries=queries,
+            repeats=repeats,
+            threads=threads,
+        )
+        result = scheme_cost.run_scheme_cost(cfg, log=lambda s: typer.echo(s, err=True))
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "scheme_cost.json", json.dumps(result, indent=1, default=str))
+        typer.echo(scheme_cost.markdown_report(result, scheme=names[0]))
+        typer.echo(f"wrote {out / 'scheme_cost.json'}")
+        if mlflow_uri:
+            typer.echo(f"logged MLflow run {scheme_cost.log_to_mlflow(result, mlflow_uri)}")
+        return
+    if kind != "search":
+        raise GraceError(f"--kind {kind!r}: expected schemes or search")
+    from grace.evaluation.latency_report import log_to_mlflow, markdown_report, plot_latency
+    from grace.evaluation.query_latency import BACKBONES, QueryBenchConfig, run_query_benchmark
+
     if backbone not in BACKBONES:
         raise GraceError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
     cfg = QueryBenchConfig(

@@ -53,6 +53,10 @@ from sklearn.exceptions import ConvergenceWarning
 
 from grace.errors import GraceError
 
+# k=10: a 10-beam search keeps every first-level branch of a catalog, which retrieved better
+# than the paper's k=30 (BENCHMARKS.md#retrieval-quality-on-the-demo-set); c=100 keeps 1000
+# images at two levels. Maps store their parameters, so older maps keep theirs.
+DEFAULT_K, DEFAULT_C = 10, 100
 SKLEARN_MAX_POINTS = 10_000  # nodes up to this size: sklearn KMeans, ids as they always were
 FAISS_POINTS_PER_CENTROID = 1024  # sample size per cluster for FAISS training on a large node
 ASSIGN_CHUNK = 65_536  # rows per nearest-centroid search: bounds the copy of a large node
@@ -78,7 +82,7 @@ class StructuredScheme:
     name = "structured"
 
     def default_params(self) -> dict[str, Any]:
-        return {"k": 30, "c": 100, "seed": 0, "tokens": "node"}
+        return {"k": DEFAULT_K, "c": DEFAULT_C, "seed": 0, "tokens": "node"}
 
     def issue(self, id_map, records, *, embedder=None, captioner=None, root=None):
         if not records:
@@ -138,8 +142,8 @@ def _check_kc(k: int, c: int) -> None:
 
 def structured_identifiers(
     emb: np.ndarray,
-    k: int = 30,
-    c: int = 100,
+    k: int = DEFAULT_K,
+    c: int = DEFAULT_C,
     seed: int = 0,
     *,
     sklearn_max_points: int = SKLEARN_MAX_POINTS,

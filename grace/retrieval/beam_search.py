@@ -126,6 +126,12 @@ class _Scores:
         t = torch.from_numpy(tok.astype(np.int64)).to(self._device)
         if self.logits is not None:
             return self.logits[r, t].float()
+        tokens, inverse = torch.unique(t, return_inverse=True)
+        if tokens.numel() * self.hidden.shape[0] <= 2 * t.numel():
+            # Rows share their children (every query at an atomic root, digits of numeric ids):
+            # score each distinct token once with a matmul instead of copying a row per edge.
+            rows = _output_rows(self.model, tokens)
+            return (self.hidden.to(rows.dtype) @ rows.T)[r, inverse].float()
         rows = _output_rows(self.model, t)
         return (rows * self.hidden[r].to(rows.dtype)).sum(-1).float()
 

@@ -51,8 +51,9 @@ def test_build_bounds_fanout_and_leaf_size():
 
 def test_build_is_deterministic_for_a_seed():
     emb = _blobs(300)
-    assert structured_identifiers(emb, k=3, c=20, seed=1)[0] == (
+    assert (
         structured_identifiers(emb, k=3, c=20, seed=1)[0]
+        == (structured_identifiers(emb, k=3, c=20, seed=1)[0])
     )
 
 

@@ -278,7 +278,8 @@ def test_bench_command_writes_plot_and_logs_to_mlflow(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # MLflow puts artifacts beside the working directory
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["bench", "--out", "b", "--sizes", "100,2000", "--queries", "2", "--batch-size", "2"]
+    args = ["bench", "--kind", "search", "--out", "b", "--sizes", "100,2000", "--queries", "2"]
+    args += ["--batch-size", "2"]
     args += ["--repeats", "1", "--beams", "3", "--no-reference", "--mlflow-uri", uri]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -303,8 +304,9 @@ def test_bench_times_the_lite_backbone_and_its_sentence_encoding(tmp_path):
 
     from grace.cli import app
 
-    args = ["bench", "--out", str(tmp_path), "--sizes", "100,2000", "--queries", "2"]
-    args += ["--batch-size", "2", "--repeats", "1", "--beams", "3", "--no-reference"]
+    args = ["bench", "--kind", "search", "--out", str(tmp_path), "--sizes", "100,2000"]
+    args += ["--queries", "2", "--batch-size", "2", "--repeats", "1", "--beams", "3"]
+    args += ["--no-reference"]
     res = CliRunner().invoke(app, [*args, "--backbone", "lite"])
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "query_latency.json").read_text())
@@ -314,6 +316,32 @@ def test_bench_times_the_lite_backbone_and_its_sentence_encoding(tmp_path):
     assert "Crossover, GRACE + MiniLM encoding against dense" in res.output
     bad = CliRunner().invoke(app, [*args, "--backbone", "huge"])
     assert bad.exit_code != 0 and "expected one of tiny, lite" in bad.output
+
+
+@pytest.mark.slow
+def test_bench_times_each_identifier_scheme_by_default(tmp_path):
+    """``grace bench`` with defaults measures the default scheme beside atomic and numeric."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from grace.cli import app
+    from grace.constants import DEFAULT_ID_SCHEME
+
+    args = ["bench", "--out", str(tmp_path), "--sizes", "300,1200", "--queries", "2"]
+    args += ["--batch-size", "2", "--repeats", "1", "--beams", "3"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "scheme_cost.json").read_text())
+    grace_rows = [r for r in result["rows"] if r["scheme"] != "dense"]
+    assert [r["scheme"] for r in grace_rows[:3]] == [DEFAULT_ID_SCHEME, "atomic", "numeric"]
+    assert all(r["single_ms"] > 0 and r["train_step_ms"] > 0 for r in grace_rows)
+    by = {(r["scheme"], r["ids"]): r for r in grace_rows}
+    assert by[("atomic", 1200)]["max_fanout"] == 1200  # the root holds every image
+    assert by[("structured", 1200)]["max_fanout"] <= 101  # bounded by max(k, c + 1)
+    assert f"Targets, {DEFAULT_ID_SCHEME} at 1,200 over 300 ids" in res.output
+    bad = CliRunner().invoke(app, [*args, "--schemes", "atomic,bogus"])
+    assert bad.exit_code == 2 and "expected some of" in bad.output
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
