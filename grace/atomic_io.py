@@ -24,10 +24,66 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        tmp_path.chmod(0o666 & ~_umask())  # mkstemp's 0600 would hide it from the group
+        _fsync(tmp_path)
         os.replace(tmp_path, target)
+        _fsync(target.parent)  # the rename itself survives a power cut
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') bytes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            if not os.path.islink(os.path.join(dirpath, name)):
+                _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+@contextmanager
+def locked(target: str | os.PathLike, wait_message: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``target`` for a read-modify-write of shared state.
+
+    The lock is a ``.<name>.lock`` file beside ``target`` (filelock), so concurrent writers,
+    in any process, run one after another.
+
+    Args:
+        target: The shared file (e.g. an identifier map).
+        wait_message: Printed to stderr once if another writer holds the lock.
+    """
+    import sys
+
+    from filelock import FileLock, Timeout
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(target.with_name(f".{target.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if wait_message:
+            print(wait_message, file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> None:
@@ -55,6 +111,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide it from the group
     try:
         yield tmp
     except BaseException:
@@ -66,19 +123,65 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 def replace_dir(src: str | os.PathLike, target: str | os.PathLike) -> None:
     """Move the finished folder ``src`` to ``target`` (same file system), replacing it.
 
-    An existing ``target`` is moved aside first and deleted only once ``src`` is in place.
+    ``src`` is flushed to disk first. An existing ``target`` is swapped with ``src`` in one
+    atomic step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), so a kill at any
+    instant leaves one whole version at ``target``; elsewhere it is moved aside first, and a
+    later call puts a version left aside by a killed one back before going on.
     """
-    target = Path(target)
+    src, target = Path(src), Path(target)
+    _fsync_tree(src)
+    _restore_left_aside(target)
+    if target.exists() and _exchange(src, target):
+        _fsync(target.parent)
+        shutil.rmtree(src, ignore_errors=True)  # now the old version
+        return
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
     os.replace(src, target)
+    _fsync(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore_left_aside(target: Path) -> None:
+    """Put back the version a killed ``replace_dir`` moved aside, if ``target`` is gone."""
+    if target.exists():
+        return
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        os.replace(aside[-1], target)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system or file system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # glibc < 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return done == 0
 
 
 def write_with(target: str | os.PathLike, writer: Callable[[Path], None], suffix: str = "") -> None:
     """Call ``writer(tmp_path)`` and move the result over ``target`` atomically."""
     with atomic_path(target, suffix=suffix) as tmp:
         writer(tmp)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (model weights do not fit in memory twice)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

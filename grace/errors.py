@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -17,6 +18,18 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.file}:{self.row}" if self.row is not None else self.file
         return f"{where}: {self.detail} [rule: {self.rule}]"
+
+    def renamed(self, copy: str, shown_as: str) -> Problem:
+        """This problem with a file inside folder ``copy`` named under ``shown_as`` instead.
+
+        Args:
+            copy: A working copy's folder (e.g. an image set fetched from a DVC revision).
+            shown_as: What the user knows that folder as, e.g. ``repo@v3:data``.
+        """
+        copy = copy.rstrip("/")
+        if self.file == copy or self.file.startswith(copy + "/"):
+            return dataclasses.replace(self, file=shown_as + self.file[len(copy) :])
+        return self
 
 
 class GraceError(Exception):

@@ -16,6 +16,7 @@ from grace_kfp.components.incremental_train import incremental_train
 from grace_kfp.components.no_change import no_change
 from grace_kfp.components.register_incremental import register_incremental
 from grace_kfp.components.validate_data import validate_data
+from grace_kfp.pipelines.credentials import DEFAULT_SECRET, with_credentials
 
 
 @dsl.pipeline(name="grace-incremental-update")
@@ -39,6 +40,7 @@ def incremental_update(
     tracking_uri: str,
     experiment: str,
     pipeline_key: str,
+    credentials_secret: str,
     train_accelerator_type: str,
     train_accelerator_limit: int,
     train_processes: int,
@@ -91,6 +93,7 @@ def incremental_update(
         **track,
     )
     reg.set_caching_options(False)
+    with_credentials([data, train, ev, reg], credentials_secret)
     return reg.outputs["Output"]
 
 
@@ -114,6 +117,7 @@ def incremental_pipeline(
     min_new_metric: float = 0.0,
     tracking_uri: str = "",
     experiment: str = "grace",
+    credentials_secret: str = DEFAULT_SECRET,
     train_accelerator_type: str = "nvidia.com/gpu",
     train_accelerator_limit: int = 0,
     train_processes: int = 1,
@@ -127,6 +131,7 @@ def incremental_pipeline(
         data_repo=data_repo, data_rev=data_rev, data_dir=data_dir, base_model=base_model, **track
     )
     change.set_caching_options(False)  # "what changed" depends on the registry, not the inputs
+    with_credentials([change], credentials_secret)
     with dsl.If(change.outputs["changes"] != 0, name="data-changed"):
         update = incremental_update(
             data_repo=data_repo,
@@ -150,9 +155,11 @@ def incremental_pipeline(
             train_processes=train_processes,
             train_cpu_limit=train_cpu_limit,
             train_memory_limit=train_memory_limit,
+            credentials_secret=credentials_secret,
             **track,
         )
     with dsl.Else(name="data-unchanged"):
         skip = no_change(diff=change.outputs["diff"], **track)
         skip.set_caching_options(False)
+        with_credentials([skip], credentials_secret)
     return dsl.OneOf(update.output, skip.output)

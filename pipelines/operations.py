@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from grace.credentials import GIT_TOKEN_ENV, redact_value
 from grace.errors import GraceError
 from grace_kfp.pipelines.kfp_api_errors import kfp_api_errors
 
@@ -65,6 +66,13 @@ def pipeline_arguments(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
             value = json.dumps(value) if isinstance(value, dict | list) else str(value)
         if not isinstance(value, want):
             raise GraceError(f"pipeline parameter {key}={value!r}: expected {inputs[key].type}")
+        if redact_value(value) != value:
+            # KFP prints parameters in task logs and keeps them in the run's spec
+            raise GraceError(
+                f"pipeline parameter {key}={redact_value(value)!r} carries credentials; give it"
+                f" without them and put the secret in the environment ({GIT_TOKEN_ENV},"
+                " AWS_*, MLFLOW_TRACKING_*): Kubernetes secrets on a cluster, README#security"
+            )
         out[key] = value
     missing = [
         k for k, v in inputs.items() if v.default is None and not v.optional and k not in out

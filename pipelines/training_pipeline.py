@@ -15,6 +15,7 @@ from grace_kfp.components.memorize import memorize
 from grace_kfp.components.register import register
 from grace_kfp.components.retrieve import retrieve
 from grace_kfp.components.validate_data import validate_data
+from grace_kfp.pipelines.credentials import DEFAULT_SECRET, with_credentials
 
 
 @dsl.pipeline(name="grace-training", description="GRACE: memorize and retrieve an image set.")
@@ -39,6 +40,7 @@ def training_pipeline(
     min_memorization: float = 0.9,
     tracking_uri: str = "",
     experiment: str = "grace",
+    credentials_secret: str = DEFAULT_SECRET,
     train_accelerator_type: str = "nvidia.com/gpu",
     train_accelerator_limit: int = 0,
     train_processes: int = 1,
@@ -100,4 +102,5 @@ def training_pipeline(
         **track,
     )
     reg.set_caching_options(False)
+    with_credentials([data, ids, mem, ret, ev, reg], credentials_secret)
     return reg.outputs["Output"]

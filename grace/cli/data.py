@@ -167,12 +167,15 @@ def data_validate(
         Path | None, typer.Option("--json", help="Write the result (with GX's) as JSON here.")
     ] = None,
     min_images: Annotated[int, typer.Option(help="Fewest images the set may have.")] = 1,
+    memorize_only: Annotated[
+        bool, typer.Option(help="Accept a set without captions (nothing to retrieve with).")
+    ] = False,
 ) -> None:
     """Check an image set with great-expectations; exit 2 listing every failing row."""
     from grace.atomic_io import write_json, write_text
     from grace.data.validation import validate_image_set
 
-    result = validate_image_set(data, min_images=min_images)
+    result = validate_image_set(data, min_images=min_images, min_captions=0 if memorize_only else 1)
     if report is not None:
         write_text(report, result.to_html())
     if json_out is not None:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from grace.atomic_io import locked
 from grace.cli._errors import parse_params as _params
 from grace.cli._errors import reports_errors
 from grace.cli._shared import EmbedderOpt, SchemeOpt, _embedder, _load, _print_summary
@@ -52,17 +53,19 @@ def ids_extend(
     """Give new images identifiers; existing identifiers never change."""
     from grace.identifiers import IdentifierMap
 
-    m = IdentifierMap.load(ids)
     records, root = _load(data)
-    retired = set(m.retired)
-    new = [r for r in records if r.key not in m.ids and r.key not in retired]
-    emb = (
-        _embedder(embedder, records, root, embedder_seconds)
-        if m.scheme == "structured" and new
-        else None
-    )
-    m2 = m.extend(new, embedder=emb, root=root)
-    m2.save(out or ids)
+    # Load, extend and save under one lock: two extends at once must not lose either's ids.
+    with locked(ids, wait_message=f"waiting for another writer of {ids}"):
+        m = IdentifierMap.load(ids)
+        retired = set(m.retired)
+        new = [r for r in records if r.key not in m.ids and r.key not in retired]
+        emb = (
+            _embedder(embedder, records, root, embedder_seconds)
+            if m.scheme == "structured" and new
+            else None
+        )
+        m2 = m.extend(new, embedder=emb, root=root)
+        m2.save(out or ids)
     typer.echo(f"added {len(new)} identifiers ({len(m2)} live) -> {out or ids}")
 
 
@@ -79,13 +82,14 @@ def ids_remove(
     """Retire identifiers: never returned by retrieval again, never reissued."""
     from grace.identifiers import IdentifierMap
 
-    m = IdentifierMap.load(ids)
-    targets = list(keys or [])
-    if missing_from is not None:
-        present = {r.key for r in _load(missing_from)[0]}
-        targets += [k for k in m.ids if k not in present]
-    m2 = m.remove(targets)
-    m2.save(out or ids)
+    present = {r.key for r in _load(missing_from)[0]} if missing_from is not None else None
+    with locked(ids, wait_message=f"waiting for another writer of {ids}"):
+        m = IdentifierMap.load(ids)
+        targets = list(keys or [])
+        if present is not None:
+            targets += [k for k in m.ids if k not in present]
+        m2 = m.remove(targets)
+        m2.save(out or ids)
     typer.echo(f"retired {len(targets)} identifiers ({len(m2)} live) -> {out or ids}")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,6 +46,7 @@ class Limits:
     max_side: int = 20_000
     max_caption_chars: int = 1_000
     max_captions_per_image: int = 100
+    max_captions_bytes: int = 1 << 30  # captions.jsonl is read a line at a time, but kept
 
 
 def scan_image_set(root: str | os.PathLike, limits: Limits = Limits()) -> list[ImageRecord]:
@@ -128,8 +130,10 @@ def scan_image_set(root: str | os.PathLike, limits: Limits = Limits()) -> list[I
 def image_files(images_dir: Path) -> list[Path]:
     """Every file under ``images/`` except hidden ones (``.DS_Store``, editor swap files)."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(images_dir):
+    for dirpath, dirnames, filenames in os.walk(images_dir):  # never follows a linked folder
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # a linked folder is listed, not walked, so check_image refuses it by name
+        out += [Path(dirpath) / d for d in dirnames if (Path(dirpath) / d).is_symlink()]
         out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
     return out
 
@@ -139,7 +143,16 @@ def check_image(path: Path, limits: Limits) -> tuple[str, int, int] | Problem:
 
     Public so every validator (``grace.data.validation``) applies the same per-file rules.
     """
-    size = path.stat().st_size
+    if path.is_symlink():
+        return Problem(
+            str(path),
+            "no-symlinks",
+            f"a symlink (to {os.readlink(path)}); an image set holds its own files",
+        )
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode):
+        return Problem(str(path), "regular-files", "not a regular file (a device, pipe or socket)")
+    size = st.st_size
     if size == 0:
         return Problem(str(path), "non-empty-image", "empty file (0 bytes)")
     if size > limits.max_file_bytes:
@@ -176,16 +189,29 @@ def check_image(path: Path, limits: Limits) -> tuple[str, int, int] | Problem:
 
 
 def caption_lines(
-    cap_path: Path, images_dir: Path, problems: list[Problem]
+    cap_path: Path, images_dir: Path, problems: list[Problem], max_bytes: int | None = None
 ) -> Iterator[tuple[int, dict[str, Any], PurePosixPath]]:
     """Yield ``(row, object, image path inside images/)`` of every well-formed captions.jsonl row.
 
     Well-formed: UTF-8, a JSON object of known fields, an image path inside ``images/``. Every
-    other row becomes a problem naming it. What the fields may hold is the caller's rule.
+    other row becomes a problem naming it. What the fields may hold is the caller's rule. The
+    file is streamed, and one over ``max_bytes`` (default ``Limits().max_captions_bytes``) is
+    refused before a row is read.
     """
     f = str(cap_path)
+    limit = Limits().max_captions_bytes if max_bytes is None else max_bytes
+    size = cap_path.stat().st_size
+    if size > limit:
+        problems.append(Problem(f, "max-captions-bytes", f"{size} bytes; at most {limit} (Limits)"))
+        return
     root_resolved = images_dir.resolve()
-    for row, raw in enumerate(cap_path.read_bytes().splitlines(), start=1):
+    with cap_path.open("rb") as lines:
+        yield from _well_formed(lines, f, images_dir, root_resolved, problems)
+
+
+def _well_formed(lines, f, images_dir, root_resolved, problems):
+    for row, raw in enumerate(lines, start=1):
+        raw = raw.rstrip(b"\r\n")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -224,7 +250,7 @@ def _caption_rows(
 ) -> Iterable[tuple[int, str, str | None, str | None]]:
     """Yield (row, image path relative to images/, caption, split) of every valid row."""
     f = str(cap_path)
-    for row, obj, pure in caption_lines(cap_path, images_dir, problems):
+    for row, obj, pure in caption_lines(cap_path, images_dir, problems, limits.max_captions_bytes):
         split = obj.get("split")
         if split is not None and split not in SPLITS:
             problems.append(
@@ -294,6 +320,14 @@ def read_manifest(path: str | os.PathLike) -> list[ImageRecord]:
     problems = []
     records = []
     for n, row in enumerate(frame.itertuples(index=False), start=1):
+        where = PurePosixPath(str(row.path).replace("\\", "/"))
+        if where.is_absolute() or ".." in where.parts or where.parts[:1] != (IMAGES_DIR,):
+            problems.append(
+                Problem(
+                    str(path), "inside-images", f"{row.path!r} is not a path in {IMAGES_DIR}/", n
+                )
+            )
+            continue
         if row.split not in SPLITS:
             problems.append(Problem(str(path), "known-split", f"split {row.split!r}", n))
             continue

@@ -9,6 +9,7 @@ over the manifest and its captions exploded to one row per caption.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
@@ -45,6 +46,15 @@ class ValidationReport:
     results: dict[str, Any]  # table name -> GX suite validation result, as JSON
     images: int
     caption_rows: int
+
+    def relocated(self, shown_as: str) -> ValidationReport:
+        """This report with its paths named under ``shown_as`` instead of ``root``.
+
+        Args:
+            shown_as: What the user knows the set as, e.g. ``repo@v3:data`` for a revision.
+        """
+        problems = tuple(p.renamed(self.root, shown_as) for p in self.problems)
+        return dataclasses.replace(self, root=shown_as, problems=problems)
 
     def summary(self) -> dict[str, Any]:
         evaluated = [r for res in self.results.values() for r in res.get("results", [])]
@@ -123,9 +133,20 @@ class _Tables:
 
 
 def validate_image_set(
-    root: str | os.PathLike, limits: Limits | None = None, min_images: int = 1
+    root: str | os.PathLike,
+    limits: Limits | None = None,
+    min_images: int = 1,
+    min_captions: int = 1,
 ) -> ValidationReport:
-    """Check the image set at ``root`` and report every problem; never raises for bad rows."""
+    """Check the image set at ``root`` and report every problem; never raises for bad rows.
+
+    Args:
+        root: The image set's folder (``images/`` and ``captions.jsonl``).
+        limits: What files and captions may be; default ``Limits()``.
+        min_images: The fewest readable images the set may have.
+        min_captions: The fewest caption rows: retrieval trains on captions, so a set without
+            any (a missing or empty ``captions.jsonl``) is refused; 0: a set to memorize only.
+    """
     root, limits = Path(root), limits or Limits()
     if not (root / IMAGES_DIR).is_dir():
         raise InvalidInputError(
@@ -134,7 +155,9 @@ def validate_image_set(
     tables = _read_tables(root, limits)
     results: dict[str, Any] = {}
     problems = list(tables.problems)
-    for name, frame, suite in _suites(tables, limits, min_images):
+    if any(p.rule == "max-captions-bytes" for p in problems):
+        min_captions = 0  # its rows were never read: one problem for one cause
+    for name, frame, suite in _suites(tables, limits, min_images, min_captions):
         result = _run_suite(name, frame, suite)
         results[name] = result
         problems += _problems_of(result, name, frame, root)
@@ -164,7 +187,7 @@ def _read_tables(root: Path, limits: Limits) -> _Tables:
             continue
         key, w, h = checked
         image_rows.append({"key": key, "path": rel, "width": w, "height": h, "pixels": w * h})
-    caption_rows = _caption_rows(root / CAPTIONS_FILE, images_dir, problems)
+    caption_rows = _caption_rows(root / CAPTIONS_FILE, images_dir, problems, limits)
     captions = pd.DataFrame(caption_rows, columns=["row", "image", "caption", "split"])
     per_image: dict[str, set[str]] = defaultdict(set)
     for r in caption_rows:
@@ -178,14 +201,16 @@ def _read_tables(root: Path, limits: Limits) -> _Tables:
     return _Tables(images, captions, present, problems)
 
 
-def _caption_rows(cap_path: Path, images_dir: Path, problems: list[Problem]) -> list[dict]:
+def _caption_rows(
+    cap_path: Path, images_dir: Path, problems: list[Problem], limits: Limits
+) -> list[dict]:
     """Rows of captions.jsonl that parse; caption text and split are left to the GX suite."""
     if not cap_path.is_file():
         return []
     f = str(cap_path)
     rows = []
     split_of: dict[str, str] = {}
-    for row, obj, pure in caption_lines(cap_path, images_dir, problems):
+    for row, obj, pure in caption_lines(cap_path, images_dir, problems, limits.max_captions_bytes):
         caption, split = obj.get("caption"), obj.get("split")
         if caption is not None and not isinstance(caption, str):
             problems.append(Problem(f, "caption-text", '"caption" must be a string', row))
@@ -210,7 +235,9 @@ class _Rule:
     explain: str
 
 
-def _suites(tables: _Tables, limits: Limits, min_images: int) -> list[tuple[str, Any, list]]:
+def _suites(
+    tables: _Tables, limits: Limits, min_images: int, min_captions: int
+) -> list[tuple[str, Any, list]]:
     """(table name, DataFrame, expectations); each expectation's meta names its rule."""
     import great_expectations as gx
 
@@ -246,6 +273,14 @@ def _suites(tables: _Tables, limits: Limits, min_images: int) -> list[tuple[str,
         ),
     ]
     captions = [
+        E.ExpectTableRowCountToBeBetween(
+            min_value=min_captions,
+            **meta(
+                "has-captions",
+                f"at least {min_captions} caption rows: retrieval trains on captions"
+                " (a set to memorize only: --memorize-only)",
+            ),
+        ),
         E.ExpectColumnValuesToBeInSet(
             column="image",
             value_set=sorted(tables.present) or [NO_IMAGES],
@@ -321,7 +356,10 @@ def _problems_of(
         res = r.get("result", {})
         indexes = res.get("unexpected_index_list")
         if not indexes:  # a table-level expectation (row count)
-            out.append(Problem(str(root), rule, f"{explain}; observed {res.get('observed_value')}"))
+            where = root if table == "images" else root / CAPTIONS_FILE
+            out.append(
+                Problem(str(where), rule, f"{explain}; observed {res.get('observed_value')}")
+            )
             continue
         values = res.get("unexpected_list") or [None] * len(indexes)
         unique_column = config["kwargs"]["column"] if "unique" in config["type"] else None

@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
 
 from grace.atomic_io import atomic_dir
+from grace.credentials import has_credentials, redact_text, redact_url, with_git_token
 from grace.data.imageset import CAPTIONS_FILE, IMAGES_DIR, Limits, scan_image_set
 from grace.data.records import ImageRecord
 from grace.errors import GraceError, InvalidInputError, Problem
@@ -65,7 +65,7 @@ def _dvc_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (DvcException, SCMError) as e:
-        raise GraceError(f"{what}: {e}") from e
+        raise GraceError(redact_text(f"{what}: {e}")) from e
     finally:
         log.setLevel(level)
 
@@ -91,9 +91,13 @@ def configure_remote(
     ``url`` is ``s3://bucket/prefix`` (with ``endpoint_url`` for MinIO and other S3-compatible
     stores) or a local folder. Credentials are refused here: they belong in the environment.
     """
-    parts = urlsplit(url)
-    if parts.password or parts.username:
-        raise GraceError(f"{parts.scheme}://...@{parts.hostname}: no credentials in remote URLs")
+    for given in [url, endpoint_url or ""]:
+        if has_credentials(given):
+            raise GraceError(
+                f"{redact_url(given)}: no credentials in a remote or endpoint URL (they would be"
+                " committed in .dvc/config); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY,"
+                " or `dvc remote modify --local`"
+            )
     remote: dict[str, str] = {"url": url}
     if endpoint_url:
         remote["endpointurl"] = endpoint_url
@@ -264,12 +268,31 @@ def open_image_set(
 
     Reads through DVC's filesystem (local cache first, then the remote that revision names),
     so neither the work tree nor the checked-out revision changes. ``out_dir`` is replaced.
+    A bad set's problems name the files as ``repo@rev:data/...``, not the copy.
     """
+    fetch_image_set(repo_url_or_path, rev, out_dir, data_dir)
+    try:
+        return scan_image_set(out_dir, limits or Limits())
+    except InvalidInputError as e:
+        shown = revision_name(repo_url_or_path, rev, data_dir)
+        problems = [p.renamed(os.fspath(out_dir), shown) for p in e.problems]
+        raise InvalidInputError(problems) from None
+
+
+def fetch_image_set(
+    repo_url_or_path: str | os.PathLike, rev: str, out_dir: str | os.PathLike, data_dir: str
+) -> None:
+    """Copy revision ``rev``'s image set into ``out_dir`` (replaced), unchecked."""
     with _revision_fs(repo_url_or_path, rev) as fs, atomic_dir(out_dir) as tmp:
         if not fs.isdir(data_dir):
-            raise GraceError(f"{data_dir}/ is not in revision {rev} of {repo_url_or_path}")
+            shown = redact_url(os.fspath(repo_url_or_path))
+            raise GraceError(f"{data_dir}/ is not in revision {rev} of {shown}")
         fs.get(f"{data_dir}/", os.fspath(tmp), recursive=True)
-    return scan_image_set(out_dir, limits or Limits())
+
+
+def revision_name(repo_url_or_path: str | os.PathLike, rev: str, data_dir: str) -> str:
+    """How a file of a revision is named to a user: ``repo@rev:data`` (credentials hidden)."""
+    return f"{redact_url(os.fspath(repo_url_or_path))}@{rev}:{data_dir}"
 
 
 @contextmanager
@@ -277,7 +300,7 @@ def _revision_fs(repo: str | os.PathLike, rev: str) -> Iterator[Any]:
     from dvc.api import DVCFileSystem
 
     with _dvc_errors(f"revision {rev} of {repo}"):
-        fs = DVCFileSystem(os.fspath(repo), rev=rev)
+        fs = DVCFileSystem(with_git_token(os.fspath(repo)), rev=rev)
         try:
             yield fs
         finally:

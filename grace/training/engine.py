@@ -251,9 +251,8 @@ class PlainEngine(TrainEngine):
         path = Path(ckpt_dir) / _PLAIN_CKPT
         if not path.is_file():
             raise FileNotFoundError(f"no plain (non-DeepSpeed) checkpoint at {path}")
-        # our own file, trusted like DeepSpeed's (which loads with weights_only=False): the
-        # loop's client_state may hold e.g. numpy RNG state
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # tensors and plain values only: a tampered file cannot run code when it is loaded
+        state = torch.load(path, map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["client_state"]

@@ -14,7 +14,10 @@ targets and the decoding trie can never disagree about how an identifier tokeniz
 
 from __future__ import annotations
 
+import hashlib
+import io
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from transformers import ProcessorMixin
 
 from grace.constants import IGNORE_INDEX
 from grace.data.records import ImageRecord
+from grace.errors import InvalidInputError, Problem
 from grace.models.backbone import tokenizer_of
 from grace.models.prompts import Prompts, retrieve_turn, user_turn
 from grace.retrieval.index import IdentifierIndex
@@ -60,6 +64,10 @@ class Example:
     gold: int | None = None
 
 
+# A record's key is its image's sha256 (grace.data.imageset); tests' hand-made records are not.
+_SHA256_KEY = re.compile(r"[0-9a-f]{64}")
+
+
 class ImageInputs:
     """Each image's processor tensors (pixel values and friends), computed once per run.
 
@@ -86,7 +94,14 @@ class ImageInputs:
             )
 
     def load(self, record: ImageRecord) -> Image.Image:
-        with Image.open(self.root / record.path) as im:
+        """The image, checked against its key: a file replaced since validation is refused."""
+        path = self.root / record.path
+        data = path.read_bytes()
+        if _SHA256_KEY.fullmatch(record.key) and hashlib.sha256(data).hexdigest() != record.key:
+            raise InvalidInputError(
+                [Problem(str(path), "unchanged-image", "changed since the set was validated")]
+            )
+        with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
 
     def prompt_ids(self, prompt: str, i: int) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from grace.atomic_io import atomic_dir, replace_dir, write_json
+from grace.atomic_io import atomic_dir, replace_dir, sha256_of, write_json
 from grace.constants import LITE_BACKBONE, TINY_BACKBONE
 from grace.data.records import ImageRecord
 from grace.errors import GraceError
@@ -42,6 +43,7 @@ from grace.training.examples import (
     collate,
     plan_epoch,
 )
+from grace.training.fingerprint import check_or_record, run_fingerprint
 from grace.training.pseudo_queries import model_captions, nearest_captions, resolve_source
 from grace.training.schedule import get_lr, time_share, total_steps
 
@@ -382,6 +384,15 @@ def _start_or_resume(
     """The backbone (from ``out/init`` when resuming) and where the loop left off."""
     state = {"step": 0, "epoch": 0, "batch": 0, "pseudo_queries": None}
     init = out / "init"
+    fingerprint = run_fingerprint(live_records, id_map, cfg.to_dict())
+    main_rank = rank_and_world()[0] == 0
+    check_or_record(out, fingerprint, init.is_dir(), record=main_rank)
+    if main_rank:  # what a killed writer left (hidden temporaries); never read, only in the way
+        for stale in [*out.glob(".*"), *(out / "checkpoints").glob(".*")]:
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
     latest = _latest_checkpoint(out)
     if init.is_dir():
         model, processor = load_backbone(init)
@@ -405,9 +416,34 @@ def _start_or_resume(
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-    ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]
-    return ckpts[-1] if ckpts else None
+    """The newest whole checkpoint, or None.
+
+    A damaged newest one (a disk that filled up, a bad copy) is passed over for the one before
+    it, with a warning, instead of stopping the resume.
+    """
+    folder = out / "checkpoints"
+    ckpts = sorted(folder.glob("step-*")) if folder.is_dir() else []
+    for ckpt in reversed(ckpts):
+        damage = _checkpoint_damage(ckpt)
+        if damage is None:
+            return ckpt
+        warnings.warn(f"{ckpt}: {damage}; resuming from an older checkpoint", stacklevel=2)
+    return None
+
+
+def _checkpoint_damage(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from, or None if every file is as it was written."""
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return f"no readable {STATE_FILE}"
+    for rel, digest in state.get("files", {}).items():  # none listed: written before digests
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if sha256_of(path) != digest:
+            return f"{rel} does not match its sha256"
+    return None
 
 
 def _save_checkpoint(
@@ -429,9 +465,13 @@ def _save_checkpoint(
         engine.barrier()
         if engine.is_main:
             where = {"step": step, "epoch": position[0], "batch": position[1]}
-            write_json(
-                partial / STATE_FILE, {**where, "pseudo_queries": pseudo, "seconds": seconds}
-            )
+            files = {
+                p.relative_to(partial).as_posix(): sha256_of(p)
+                for p in sorted((partial / "engine").rglob("*"))
+                if p.is_file()
+            }
+            state = {**where, "pseudo_queries": pseudo, "seconds": seconds, "files": files}
+            write_json(partial / STATE_FILE, state)
             replace_dir(partial, target)
             for old in sorted((out / "checkpoints").glob("step-*"))[: -max(keep, 1)]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,11 @@ from grace.errors import GraceError
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 METRICS_TAG = "metrics"
+DIGEST_TAG = "files.sha256"  # sha256 of the model's sha256.json, checked when loading by URI
+LEASE_TAG = "grace.promotion_lease"
+# A version's registration: "pending" until its aliases have moved, then "done"; one a kill
+# left pending is "rolled back" by the next registration (never promoted, aliases untouched).
+REGISTRATION_TAG = "grace.registration"
 
 
 @dataclass(frozen=True)
@@ -216,20 +226,31 @@ def resolve_model(uri: str) -> tuple[str, str, dict[str, str], str]:
 
 
 def download_grace_model(name: str, version: str, dst: str | os.PathLike) -> Path:
-    """The saved GraceRetriever folder of a registered version (its pyfunc's weights artifact)."""
+    """The saved GraceRetriever folder of a registered version, its files verified.
+
+    Versions registered before the pyfunc became data-only keep the folder under ``artifacts/``
+    and have no digests; they are returned as found.
+    """
     import mlflow
 
     from grace.retrieval.retriever import GRACE_FILE
-    from grace.workflow import pyfunc as mlflow_model
+    from grace.workflow import pyfunc
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dst))
-    found = local / "artifacts" / mlflow_model.ARTIFACT
-    if not (found / GRACE_FILE).is_file():
-        hits = sorted(p.parent for p in local.rglob(GRACE_FILE))
-        if not hits:
-            raise GraceError(f"models:/{name}/{version} holds no GRACE model folder")
-        found = hits[0]
+    for found in (local / "data" / pyfunc.ARTIFACT, local / "artifacts" / pyfunc.ARTIFACT):
+        if (found / GRACE_FILE).is_file():
+            break
+    else:
+        raise GraceError(f"models:/{name}/{version} holds no GRACE model folder")
+    if (found / pyfunc.DIGESTS_FILE).is_file():
+        pyfunc.verify_digests(found, _registered_digest(name, version))
     return found
+
+
+def _registered_digest(name: str, version: str) -> str | None:
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_model_version(name, version).tags.get(DIGEST_TAG)
 
 
 def champion_of(name: str) -> tuple[str, dict[str, float], dict[str, str]] | None:
@@ -257,52 +278,168 @@ def register(
 ) -> Registration:
     """Log ``model_dir`` as a pyfunc in the active run, register it, set aliases by the gate.
 
-    Must run inside an active MLflow run (the register step's). The decision is taken before
-    any alias moves, and ``champion`` moves last, so a failure midway never leaves ``champion``
-    on an unchecked version.
+    Must run inside an active MLflow run (the register step's). The gate is decided under the
+    registered model's promotion lease, against the champion read inside it, and ``champion``
+    moves last, so neither a failure midway nor a concurrent registration leaves ``champion`` on
+    a version that was not compared with the one it replaces.
     """
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from grace.workflow import pyfunc as mlflow_model
+    from grace.workflow import pyfunc
 
     if mlflow.active_run() is None:
         raise GraceError("register needs an active MLflow run")
-    champion = champion_of(name)
-    if isinstance(gate, IncrementalGate):
-        decision = check_incremental_gate(metrics, gate, champion[0] if champion else None)
-    else:
-        decision = check_gate(
-            metrics,
-            champion[1] if champion else None,
-            gate,
-            champion[0] if champion else None,
-        )
     example = pd.DataFrame({"query": [example_query]})
     output = pd.DataFrame(
-        [[example_query, 1, "sha256", "images/x.png", "0", -0.1]], columns=mlflow_model.COLUMNS
+        [[example_query, 1, "sha256", "images/x.png", "0", -0.1]], columns=pyfunc.COLUMNS
     )
-    signature = infer_signature(example, output, params=mlflow_model.DEFAULT_PARAMS)
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(Path(mlflow_model.__file__)),
-        artifacts={mlflow_model.ARTIFACT: os.fspath(model_dir)},
-        signature=signature,
-        pip_requirements=_requirements(),
-    )
-    all_tags = {
-        **(tags or {}),
-        METRICS_TAG: json.dumps({k: round(float(v), 6) for k, v in metrics.items()}),
-        "gate": decision.summary()[:5000],
-    }
-    mv = mlflow.register_model(info.model_uri, name, tags=all_tags)
+    signature = infer_signature(example, output, params=pyfunc.DEFAULT_PARAMS)
+    with pyfunc.staged_artifact(model_dir) as staged:
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            loader_module=pyfunc.__name__,  # code comes from the installed package, never the store
+            data_path=os.fspath(staged),
+            signature=signature,
+            pip_requirements=_requirements(),
+        )
+        digest = pyfunc.digests_sha256(staged)
+    pending = {**(tags or {}), DIGEST_TAG: digest, REGISTRATION_TAG: "pending"}
+    mv = mlflow.register_model(info.model_uri, name, tags=pending)
     client = MlflowClient()
-    client.set_registered_model_alias(name, CHALLENGER, mv.version)
-    if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    client.set_model_version_tag(
+        name,
+        mv.version,
+        METRICS_TAG,
+        json.dumps({k: round(float(v), 6) for k, v in metrics.items()}),
+    )
+    # The gate is decided under the lease against the champion as it is *now*: two registrations
+    # racing each compare with the other's outcome, never both with a stale champion.
+    with promotion_lease(client, name):
+        roll_back_abandoned(client, name, but=str(mv.version))
+        champion = champion_of(name)
+        if isinstance(gate, IncrementalGate):
+            decision = check_incremental_gate(metrics, gate, champion[0] if champion else None)
+        else:
+            decision = check_gate(
+                metrics,
+                champion[1] if champion else None,
+                gate,
+                champion[0] if champion else None,
+            )
+        client.set_model_version_tag(name, mv.version, "gate", decision.summary()[:5000])
+        client.set_registered_model_alias(name, CHALLENGER, mv.version)
+        if decision.promote:
+            client.set_registered_model_alias(name, CHAMPION, mv.version)
+        client.set_model_version_tag(name, mv.version, REGISTRATION_TAG, "done")
     return Registration(name, str(mv.version), info.model_uri, decision)
+
+
+def roll_back_abandoned(client: Any, name: str, but: str | None = None) -> list[str]:
+    """Mark "rolled back" every version whose registration a kill left pending.
+
+    Called under the promotion lease, where no other registration is deciding: a pending
+    version that has a gate tag was killed inside the lease, and one whose run has ended was
+    killed before it; either way its aliases never moved (``champion`` moves last). Its gate tag
+    says so, so nobody reads a "promote" that did not happen. Returns the versions.
+
+    Args:
+        client: An ``MlflowClient``.
+        name: The registered model.
+        but: The version being registered now, left alone.
+    """
+    rolled = []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get(REGISTRATION_TAG) != "pending" or str(mv.version) == but:
+            continue
+        run_ended = mv.run_id and client.get_run(mv.run_id).info.status != "RUNNING"
+        if "gate" not in mv.tags and not run_ended:
+            continue  # still uploading, in another process
+        note = "not applied: the registration was killed before its aliases moved"
+        client.set_model_version_tag(name, mv.version, "gate", f"{note}; {mv.tags.get('gate', '')}")
+        client.set_model_version_tag(name, mv.version, REGISTRATION_TAG, "rolled back")
+        if mv.run_id and not run_ended:  # died inside the lease: its run will never end itself
+            client.set_terminated(mv.run_id, "KILLED")
+        rolled.append(str(mv.version))
+    return rolled
+
+
+@contextmanager
+def promotion_lease(
+    client: Any,
+    name: str,
+    *,
+    ttl: float = 60.0,
+    settle: float = 1.0,
+    timeout: float = 600.0,
+) -> Iterator[None]:
+    """Hold a registered model's promotion lease: a tag naming its owner and expiry.
+
+    MLflow has no compare-and-set, so a writer claims the tag, waits ``settle`` seconds for any
+    concurrent claim to land, and holds the lease only if the tag still names it; the last
+    writer wins and every other one retries. A holder killed midway blocks others for ``ttl``,
+    or until its MLflow run is marked ended (what a retry of its step does first).
+
+    Args:
+        client: An ``MlflowClient``.
+        name: The registered model.
+        ttl: Seconds after which an unreleased lease counts as abandoned.
+        settle: Seconds between claiming and re-reading the tag.
+        timeout: Seconds to wait for the lease before giving up with a ``GraceError``.
+    """
+    import mlflow
+
+    token = uuid.uuid4().hex
+    active = mlflow.active_run()
+    run_id = active.info.run_id if active is not None else ""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = _lease_of(client, name)
+        if held is None or held["expires"] < time.time() or _holder_ended(client, held):
+            claim = {"owner": token, "run": run_id, "expires": time.time() + ttl}
+            client.set_registered_model_tag(name, LEASE_TAG, json.dumps(claim))
+            time.sleep(settle)
+            held = _lease_of(client, name)
+            if held is not None and held["owner"] == token:
+                break
+        if time.monotonic() > deadline:
+            raise GraceError(f"registered model {name!r}: promotion lease busy for {timeout:.0f} s")
+        time.sleep(random.uniform(0.2, 0.8))
+    try:
+        yield
+    finally:
+        held = _lease_of(client, name)
+        if held is not None and held["owner"] == token:
+            client.delete_registered_model_tag(name, LEASE_TAG)
+
+
+def _lease_of(client: Any, name: str) -> dict[str, Any] | None:
+    raw = client.get_registered_model(name).tags.get(LEASE_TAG)
+    try:
+        lease = json.loads(raw) if raw else None
+        if not lease:
+            return None
+        owner, expires = str(lease["owner"]), float(lease["expires"])
+        return {"owner": owner, "expires": expires, "run": str(lease.get("run", ""))}
+    except (ValueError, KeyError, TypeError):
+        return None  # an unreadable lease is nobody's: the next claim replaces it
+
+
+def _holder_ended(client: Any, lease: dict[str, Any]) -> bool:
+    """Whether the lease's holder is known dead, so nobody waits out the ttl for it.
+
+    It is when its MLflow run has ended: a retried step marks a killed attempt KILLED.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not lease["run"]:
+        return False
+    try:
+        return client.get_run(lease["run"]).info.status != "RUNNING"
+    except MlflowException:
+        return False
 
 
 def _requirements() -> list[str]:
@@ -312,12 +449,31 @@ def _requirements() -> list[str]:
     return [f"grace-retrieval=={version('grace-retrieval')}"]
 
 
-def load_pyfunc(model_uri: str):
-    """Load a registered model, e.g. ``models:/grace@champion``, with a clear error if absent."""
+def load_pyfunc(model_uri: str) -> Any:
+    """Load a registered model, e.g. ``models:/grace@champion``, its files verified.
+
+    The folder is downloaded and checked against the digest the registry recorded for the
+    version (a registry-side copy, so a rewritten artifact store cannot vouch for itself) before
+    MLflow imports the installed loader.
+    """
+    import tempfile
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from grace.workflow import pyfunc
+
     try:
+        if model_uri.startswith("models:/"):
+            name, version, tags, _ = resolve_model(model_uri)
+            local = Path(tempfile.mkdtemp(prefix="grace-model-"))
+            local = Path(
+                mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=local)
+            )
+            staged = local / "data" / pyfunc.ARTIFACT
+            if DIGEST_TAG in tags:
+                pyfunc.verify_digests(staged, tags[DIGEST_TAG])
+            return mlflow.pyfunc.load_model(os.fspath(local))
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
         raise GraceError(f"cannot load {model_uri}: {e.message.splitlines()[0]}") from e

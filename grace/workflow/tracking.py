@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grace.credentials import redact_text, redact_value
+
 PIPELINE_KEY_TAG = "grace.pipeline_run"
 STEP_TAG = "grace.step"
 
@@ -125,6 +127,7 @@ def step_run(
 
     parent = parent_run_id(tracking, pipeline_key)
     client = MlflowClient(tracking.uri)
+    close_killed_attempts(client, experiment_id(tracking), f"{pipeline_key}/{step}")
     with mlflow.start_run(
         run_name=step,
         experiment_id=experiment_id(tracking),
@@ -141,6 +144,31 @@ def step_run(
             raise
     if finishes_pipeline:
         client.set_terminated(parent, "FINISHED")
+
+
+def close_killed_attempts(client: Any, experiment: str, step_key: str) -> list[str]:
+    """Mark KILLED the runs of an earlier attempt of this step that a kill left RUNNING.
+
+    A retried KFP task has the same pipeline key, and only one attempt of a step runs at a
+    time, so a RUNNING run of the same step is a dead one. Its logged models that never became
+    READY (a kill between ``log_model`` and registration) are marked FAILED. Returns their ids.
+    """
+    from mlflow.entities import LoggedModelStatus
+
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{_quote(step_key)}' and "
+        "attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        models = client.search_logged_models(
+            [experiment], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
+        for model in models:
+            if model.status != LoggedModelStatus.READY:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in runs]
 
 
 @dataclass(frozen=True)
@@ -164,7 +192,7 @@ class StepRun:
             return
         from mlflow.entities import Param
 
-        clean = {k: _param_value(v) for k, v in params.items() if v is not None}
+        clean = {k: _param_value(redact_value(v)) for k, v in params.items() if v is not None}
         target = self.parent_id if on_parent else self.run_id
         self._client().log_batch(target, params=[Param(k, v) for k, v in clean.items()])
 
@@ -212,7 +240,7 @@ class StepRun:
             return
         client = self._client()
         for k, v in tags.items():
-            client.set_tag(self.parent_id if on_parent else self.run_id, k, str(v))
+            client.set_tag(self.parent_id if on_parent else self.run_id, k, redact_text(str(v)))
 
 
 def _param_value(v: Any) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from grace.atomic_io import write_json
+from grace.credentials import redact_text, redact_url, with_git_token
 from grace.errors import GraceError
 
 Trigger = Callable[[str], Any]
@@ -54,18 +55,18 @@ def _git(cwd: str | os.PathLike | None, *args: str) -> str:
         ["git", *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=300
     )
     if done.returncode != 0:
-        raise GraceError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+        raise GraceError(redact_text(f"git {' '.join(args)} failed: {done.stderr.strip()}"))
     return done.stdout.strip()
 
 
 def remote_head(repo: str, branch: str) -> str:
     """The commit sha of ``branch`` in ``repo`` (path or URL), without cloning it."""
-    out = _git(None, "ls-remote", "--heads", repo, f"refs/heads/{branch}")
+    out = _git(None, "ls-remote", "--heads", with_git_token(repo), f"refs/heads/{branch}")
     for line in out.splitlines():
         sha, ref = line.split("\t", 1)
         if ref == f"refs/heads/{branch}":
             return sha
-    raise GraceError(f"{repo} has no branch {branch!r}")
+    raise GraceError(f"{redact_url(repo)} has no branch {branch!r}")
 
 
 class Watcher:
@@ -123,7 +124,7 @@ class Watcher:
         if not (self.mirror / "HEAD").is_file():
             _git(None, "init", "-q", "--bare", os.fspath(self.mirror))
         ref = f"+refs/heads/{self.branch}:refs/watched/{self.branch}"
-        _git(self.mirror, "fetch", "-q", "--no-tags", self.repo, ref)
+        _git(self.mirror, "fetch", "-q", "--no-tags", with_git_token(self.repo), ref)
         done = subprocess.run(
             ["git", "rev-parse", "--verify", "-q", f"{sha}:{self.data_file}"],
             cwd=self.mirror,

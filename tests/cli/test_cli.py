@@ -229,3 +229,46 @@ def test_backbone_from_the_config_file_is_not_overridden(cli_run, tmp_path):
     assert r.exit_code == 0, r.output
     info = json.loads((run / "model" / "grace.json").read_text())
     assert info["train_config"]["backbone"] == str(model)
+
+
+def test_concurrent_extends_of_one_map_keep_every_new_identifier(tmp_path):
+    # Two real processes extend the same map with different new images; without the lock each
+    # loads the old map and the second save drops the first one's additions.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "grace"
+    for name, n, seed in (("base", 5, 11), ("a", 1000, 12), ("b", 1000, 13)):
+        assert (
+            grace("data", "synth", "--n", n, "--out", tmp_path / name, "--seed", seed).exit_code
+            == 0
+        )
+    ids = tmp_path / "ids.json"
+    assert (
+        grace(
+            "ids", "assign", "--data", tmp_path / "base", "--scheme", "atomic", "--out", ids
+        ).exit_code
+        == 0
+    )
+    procs = [
+        subprocess.Popen(
+            [exe, "ids", "extend", "--ids", ids, "--data", tmp_path / name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    m = IdentifierMap.load(ids)
+    expected = {r.key for name in ("base", "a", "b") for r in _records(tmp_path / name)}
+    assert set(m.ids) == expected and len({i for i, _ in m.identifiers()}) == len(expected)
+
+
+def _records(folder):
+    from grace.data.imageset import load_records
+
+    return load_records(folder)

@@ -221,3 +221,46 @@ def test_bad_manifest_is_named(tmp_path):
     bad.write_bytes(b"not parquet")
     with pytest.raises(InvalidInputError, match="m.parquet"):
         read_manifest(bad)
+
+
+def test_a_symlink_to_a_file_outside_the_set_is_refused(tmp_path):
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png((9, 9, 9)))
+    root = make_set(tmp_path / "set", {"a.png": png()}, [{"image": "a.png", "caption": "c"}])
+    (root / "images" / "leak.png").symlink_to(outside)  # no caption row names it
+    (p,) = refused(root)
+    assert (p.rule, Path(p.file).name) == ("no-symlinks", "leak.png")
+    assert str(outside) in p.detail
+
+
+def test_a_symlinked_folder_is_refused_not_walked(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "x.png").write_bytes(png((3, 3, 3)))
+    root = make_set(tmp_path / "set", {"a.png": png()}, [])
+    (root / "images" / "more").symlink_to(outside, target_is_directory=True)
+    (p,) = refused(root)
+    assert (p.rule, Path(p.file).name) == ("no-symlinks", "more")
+
+
+def test_a_fifo_in_images_is_refused(tmp_path):
+    import os
+
+    root = make_set(tmp_path / "set", {"a.png": png()}, [])
+    os.mkfifo(root / "images" / "pipe.png")
+    (p,) = refused(root)  # refused by type, never opened (opening a fifo would block)
+    assert (p.rule, Path(p.file).name) == ("regular-files", "pipe.png")
+
+
+@pytest.mark.parametrize("bad", ["images/../../outside.png", "/etc/passwd", "captions.jsonl"])
+def test_manifest_paths_must_stay_inside_images(tmp_path, bad):
+    root = make_set(tmp_path / "set", {"a.png": png(), "b.png": png((0, 0, 1))}, [])
+    out = write_manifest(scan_image_set(root), root / "manifest.parquet")
+    frame = pd.read_parquet(out)
+    frame.loc[1, "path"] = bad
+    frame.to_parquet(out)
+    with pytest.raises(InvalidInputError) as e:
+        read_manifest(out)
+    (p,) = e.value.problems
+    assert (p.rule, p.row, Path(p.file).name) == ("inside-images", 2, "manifest.parquet")
+    assert bad in p.detail

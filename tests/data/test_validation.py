@@ -206,3 +206,26 @@ def test_cli_passes_on_a_good_set(good_set):
     result = CliRunner().invoke(app, ["data", "validate", str(good_set)])
     assert result.exit_code == 0, result.output
     assert "success: True" in result.stdout
+
+
+@pytest.mark.parametrize("captions", ["missing", "empty", "blank lines"])
+def test_a_set_without_captions_is_refused_unless_memorize_only(bad_set, captions):
+    path = bad_set / "captions.jsonl"
+    if captions == "missing":
+        path.unlink()
+    else:
+        path.write_text("" if captions == "empty" else "\n\n")
+    report = validate_image_set(bad_set)
+    assert problems_of(report, bad_set) == {("captions.jsonl", None, "has-captions")}
+    refused = CliRunner().invoke(app, ["data", "validate", str(bad_set)])
+    assert refused.exit_code == 2 and "--memorize-only" in refused.stderr
+    accepted = CliRunner().invoke(app, ["data", "validate", str(bad_set), "--memorize-only"])
+    assert accepted.exit_code == 0, accepted.output
+
+
+def test_captions_over_the_size_cap_are_refused_before_reading(bad_set):
+    from grace.data.imageset import Limits
+
+    size = (bad_set / "captions.jsonl").stat().st_size
+    report = validate_image_set(bad_set, Limits(max_captions_bytes=size - 1))
+    assert problems_of(report, bad_set) == {("captions.jsonl", None, "max-captions-bytes")}

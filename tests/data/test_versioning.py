@@ -201,8 +201,15 @@ def test_credentials_never_reach_a_file(history):
 
 
 def test_remote_url_with_credentials_is_refused(history):
-    with pytest.raises(GraceError, match="no credentials"):
+    before = (history.repo / ".dvc" / "config").read_text()
+    with pytest.raises(GraceError, match="no credentials") as e:
         configure_remote(history.repo, "https://user:pw@example.invalid/store", name="x")
+    with pytest.raises(GraceError, match="no credentials") as e2:
+        configure_remote(
+            history.repo, f"s3://{BUCKET}/x", name="x", endpoint_url="http://key:pw@minio:9000"
+        )
+    assert "pw" not in str(e.value) + str(e2.value)  # the error is logged too
+    assert (history.repo / ".dvc" / "config").read_text() == before
 
 
 def test_bad_image_leaves_data_unchanged_and_names_it(history, tmp_path):

@@ -105,6 +105,56 @@ def test_validate_data_refuses_bad_rows_and_leaves_no_dataset(tmp_path):
     assert "FAILED" in (tmp_path / "r.html").read_text()
 
 
+def test_validate_data_copies_links_as_links_and_refuses_them(tmp_path):
+    synthesize(tmp_path / "src", n=4, seed=1)
+    synthesize(tmp_path / "elsewhere", n=2, seed=9)
+    (tmp_path / "src" / "images" / "more").symlink_to(tmp_path / "elsewhere" / "images")
+    dataset = Dataset(name="dataset", uri=str(tmp_path / "ds"), metadata={})
+    with pytest.raises(InvalidInputError) as err:
+        validate_data.python_func(
+            source=str(tmp_path / "src"), rev="", data_dir="data", min_images=1,
+            dataset=dataset, report=HTML(name="r", uri=str(tmp_path / "r.html"), metadata={}),
+            result=Artifact(name="j", uri=str(tmp_path / "r.json"), metadata={}),
+            tracking_uri="", experiment="x", pipeline_key="k",
+        )  # fmt: skip
+    assert [(Path(p.file).name, p.rule) for p in err.value.problems] == [("more", "no-symlinks")]
+    assert not (tmp_path / "ds").exists()
+
+
+def test_validate_data_of_a_bad_revision_reports_it_by_repo_path(tmp_path, monkeypatch):
+    import subprocess
+
+    from dvc.repo import Repo
+
+    from grace.data.versioning import commit_data
+
+    for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(var, "t@t")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    Repo.init(repo).close()
+    synthesize(repo / "data", n=4, seed=1)
+    bad_row = len((repo / "data" / "captions.jsonl").read_text().splitlines()) + 1
+    with open(repo / "data" / "captions.jsonl", "a") as f:
+        f.write('{"image": "missing.png", "caption": "x"}\n')
+    rev = commit_data(repo)  # committed without validation, as another tool might
+    dataset = Dataset(name="dataset", uri=str(tmp_path / "ds"), metadata={})
+    with pytest.raises(InvalidInputError) as err:
+        validate_data.python_func(
+            source=str(repo), rev=rev, data_dir="data", min_images=1, dataset=dataset,
+            report=HTML(name="r", uri=str(tmp_path / "r.html"), metadata={}),
+            result=Artifact(name="j", uri=str(tmp_path / "r.json"), metadata={}),
+            tracking_uri="", experiment="x", pipeline_key="k",
+        )  # fmt: skip
+    named = f"{repo}@{rev}:data/captions.jsonl"
+    assert [(p.file, p.row) for p in err.value.problems] == [(named, bad_row)]
+    report = (tmp_path / "r.html").read_text()
+    assert "FAILED" in report and named in report and str(tmp_path / "ds") not in report
+    assert json.loads((tmp_path / "r.json").read_text())["problems"][0]["file"] == named
+    assert not (tmp_path / "ds").exists()
+
+
 def test_assign_identifiers_gives_every_image_one_id(steps):
     ids = IdentifierMap.load(steps["ids"].path)
     keys = {r.key for r in scan_image_set(steps["src"])}

@@ -41,7 +41,7 @@ def test_compiled_yaml_is_current(name, tmp_path):
 
 
 def test_training_pipeline_wires_six_steps_with_cluster_resources(tmp_path):
-    spec = yaml.safe_load(compile_pipeline("training", tmp_path / "p.yaml").read_text())
+    spec = next(yaml.safe_load_all(compile_pipeline("training", tmp_path / "p.yaml").read_text()))
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {
         "validate-data", "assign-identifiers", "memorize", "retrieve", "evaluate", "register"
@@ -60,6 +60,26 @@ def test_training_pipeline_wires_six_steps_with_cluster_resources(tmp_path):
     )
 
 
+@pytest.mark.parametrize("name", sorted(operations.pipelines()))
+def test_every_task_reads_credentials_from_the_named_secret_only(name, tmp_path):
+    from grace_kfp.pipelines.credentials import CREDENTIAL_ENV, DEFAULT_SECRET
+
+    text = compile_pipeline(name, tmp_path / "p.yaml").read_text()
+    pipeline, platform = yaml.safe_load_all(text)
+    executors = pipeline["deploymentSpec"]["executors"]
+    secrets = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(secrets) == set(executors)  # every task, none forgotten
+    for exe in secrets.values():
+        (secret,) = exe["secretAsEnv"]
+        assert secret["optional"] is True  # a cluster without the Secret still runs
+        assert secret["secretNameParameter"]["componentInputParameter"].endswith(
+            "credentials_secret"
+        )
+        assert {k["envVar"] for k in secret["keyToEnv"]} == set(CREDENTIAL_ENV)
+    params = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert params["credentials_secret"]["defaultValue"] == DEFAULT_SECRET
+
+
 def test_arguments_are_cast_and_checked():
     args = pipeline_arguments(
         "training", {"data_repo": "r", "dense_seconds": 5, "memorize_settings": {"epochs": 1}}
@@ -73,6 +93,21 @@ def test_arguments_are_cast_and_checked():
         pipeline_arguments("training", {"data_repo": "r", "max_queries": "many"})
     with pytest.raises(GraceError, match="unknown pipeline"):
         pipeline_arguments("nope", {})
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"data_repo": "https://ghp_s3cret@github.com/team/images.git"},
+        {"data_repo": "r", "tracking_uri": "http://admin:s3cret@mlflow:5000"},
+        {"data_repo": "r", "scheme_params": {"embedder": "https://x.example/?token=s3cret"}},
+    ],
+)
+def test_arguments_with_credentials_are_refused_before_kfp_sees_them(arguments):
+    """KFP prints parameters in its task logs and keeps them in the run spec."""
+    with pytest.raises(GraceError, match="carries credentials") as e:
+        pipeline_arguments("training", arguments)
+    assert "s3cret" not in str(e.value) and "GRACE_GIT_TOKEN" in str(e.value)
 
 
 TRAINING_STEPS = {
@@ -103,8 +138,10 @@ def test_submit_sends_the_training_pipeline_uncached_with_our_arguments(kfp_api)
     (body,) = kfp_api.bodies("POST", "/runs")
     assert body["experiment_id"] == experiment["experiment_id"]
     assert body["display_name"] == "nightly"
-    assert body["pipeline_spec"]["pipelineInfo"]["name"] == "grace-training"
-    assert set(body["pipeline_spec"]["root"]["dag"]["tasks"]) == TRAINING_STEPS
+    spec = body["pipeline_spec"]["pipeline_spec"]  # beside the platform spec (the secrets)
+    assert spec["pipelineInfo"]["name"] == "grace-training"
+    assert set(spec["root"]["dag"]["tasks"]) == TRAINING_STEPS
+    assert "secretAsEnv" in str(body["pipeline_spec"]["platform_spec"])
     params = body["runtime_config"]["parameters"]
     assert params == {**args, "dense_seconds": 45.0} and isinstance(params["dense_seconds"], float)
     assert cached_tasks(body["pipeline_spec"]) == []
@@ -128,7 +165,7 @@ def test_the_incremental_pipeline_is_submitted_uncached_at_every_depth(kfp_api):
     steps sit inside a dsl.If and a sub-pipeline."""
     operations.submit(kfp_api.url, {"data_repo": "r"}, name="incremental")
     (body,) = kfp_api.bodies("POST", "/runs")
-    spec = body["pipeline_spec"]
+    spec = body["pipeline_spec"]["pipeline_spec"]
     nested = [c for c in spec["components"].values() if c.get("dag", {}).get("tasks")]
     assert nested and "validate-data" in str(nested)  # there is something below the root
     assert spec["pipelineInfo"]["name"] == "grace-incremental"
@@ -144,7 +181,7 @@ def test_schedule_creates_a_recurring_run_one_at_a_time_without_catchup(kfp_api)
     assert body["trigger"] == {"cron_schedule": {"cron": "0 0 2 * * *"}}
     assert int(body["max_concurrency"]) == 1 and body["no_catchup"] is True
     assert body["mode"] == "ENABLE"
-    assert body["pipeline_spec"]["pipelineInfo"]["name"] == "grace-training"
+    assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "grace-training"
     assert body["runtime_config"]["parameters"] == {"data_repo": "https://git/x"}
     assert cached_tasks(body["pipeline_spec"]) == []
     assert job == kfp_api.requests[-1].answer["recurring_run_id"]
@@ -156,7 +193,7 @@ def test_schedule_creates_a_recurring_run_one_at_a_time_without_catchup(kfp_api)
 
 def test_the_standin_refuses_what_a_kfp_api_server_refuses(tmp_path):
     """So that the stand-in accepting our requests means something."""
-    spec = yaml.safe_load(compile_pipeline("training", tmp_path / "p.yaml").read_text())
+    spec = next(yaml.safe_load_all(compile_pipeline("training", tmp_path / "p.yaml").read_text()))
     standin = KfpApiStandIn(experiments={"e": {"experiment_id": "e", "display_name": "g"}})
     ok = {"experiment_id": "e", "display_name": "r", "pipeline_spec": spec,
           "runtime_config": {"parameters": {"data_repo": "r"}}}  # fmt: skip
@@ -267,7 +304,8 @@ def test_pipelines_only_wire_components():
     for path in (ROOT / "pipelines").glob("*_pipeline.py"):
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert imported <= {"kfp"} | {m for m in imported if m.startswith("grace_kfp.components.")}
+        wiring = {"kfp", "grace_kfp.pipelines.credentials"}  # secrets are wiring too
+        assert imported <= wiring | {m for m in imported if m.startswith("grace_kfp.components.")}
         # wiring only: every function in the file is a pipeline
         funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
         assert funcs and all(

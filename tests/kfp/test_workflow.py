@@ -294,10 +294,12 @@ def test_mlflow_ui_shows_the_champion_version(pipeline_run, tracking_uri, tmp_pa
         assert f'title="{alias}" data-component-id="codegen_mlflow_app_src_model-registry' in dom
 
 
-def test_pipeline_stops_at_validation_on_bad_data(tracking_uri, tmp_path):
+def test_pipeline_stops_at_validation_on_bad_data(tracking_uri, tmp_path, capfd):
     bad = tmp_path / "bad"
     synthesize(bad, n=6, seed=2)
-    (bad / "images" / "00001.png").write_bytes(b"not a png")
+    broken = ["00001.png", "00003.png", "00004.png"]
+    for name in broken:
+        (bad / "images" / name).write_bytes(b"not a png")
     with pytest.raises(GraceError, match="validate-data"):
         run_local(
             {
@@ -316,3 +318,6 @@ def test_pipeline_stops_at_validation_on_bad_data(tracking_uri, tmp_path):
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FAILED"
     assert names["validate_data"].info.status == "FAILED"
+    log = "".join(capfd.readouterr())  # the task's log: every problem, and no traceback
+    assert all(f"images/{name}" in log for name in broken), log[-3000:]
+    assert "the task stopped on 3 problem(s)" in log and "Traceback" not in log

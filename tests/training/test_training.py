@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from grace.data.synth import synthesize
+from grace.errors import GraceError, InvalidInputError
 from grace.identifiers import assign_identifiers
 from grace.models.backbone import add_identifier_vocabulary, tokenizer_of
 from grace.models.tiny import build_tiny_backbone
@@ -208,6 +209,75 @@ def test_checkpoint_killed_while_written_is_never_resumed_from(
     assert_same_weights(out, want)
 
 
+@pytest.mark.slow
+def test_resume_on_other_data_ids_or_settings_is_refused(uninterrupted, small_backbone, tmp_path):
+    records, root, id_map, _, _ = uninterrupted
+    out = tmp_path / "run"
+    cfg = resume_config(small_backbone)
+    train(records, root, id_map, out, cfg, progress=False, stop_after_steps=3)
+    atomic, fewer = assign_identifiers(records, "atomic"), id_map.remove([records[0].key])
+    refused = {
+        "identifiers: another identifier map (8 ids -> 8, scheme numeric -> atomic)": (
+            records, atomic, cfg
+        ),
+        "data: another image set (8 images -> 7)": (records[1:], fewer, cfg),
+        "setting lr: 0.003 -> 0.001": (records, id_map, replace(cfg, lr=1e-3)),
+    }  # fmt: skip
+    for message, (recs, ids, c) in refused.items():
+        with pytest.raises(GraceError, match="cannot resume") as e:
+            train(recs, root, ids, out, c, progress=False, stop_after_steps=4)
+        assert message in str(e.value)
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step-00000003"]  # untouched
+    # how long it goes on may change: the run resumes
+    gm = train(records, root, id_map, out, replace(cfg, max_seconds=600.0), progress=False,
+               stop_after_steps=4)  # fmt: skip
+    assert gm.info["steps"] == 4
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
+    uninterrupted, small_backbone, tmp_path, monkeypatch
+):
+    records, root, id_map, want, _ = uninterrupted
+    out = tmp_path / "run"
+    cfg = resume_config(small_backbone, checkpoint_every=5)
+    train(records, root, id_map, out, cfg, progress=False, stop_after_steps=12)
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000010", "step-00000012"]
+    (newest,) = (ckpts / "step-00000012" / "engine").iterdir()
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a disk that filled
+    (ckpts / ".step-00000015.partial" / "engine").mkdir(parents=True)  # killed writers' leftovers
+    (out / ".model.k2j4x9").mkdir()
+    (out / ".fingerprint.json.abc.tmp").write_text("{")
+    resumed_from = []
+    real_load = PlainEngine.load_checkpoint
+
+    def load(self, ckpt_dir):
+        resumed_from.append(Path(ckpt_dir).parent.name)
+        return real_load(self, ckpt_dir)
+
+    monkeypatch.setattr(PlainEngine, "load_checkpoint", load)
+    with pytest.warns(UserWarning, match="step-00000012.*sha256.*older checkpoint"):
+        train(records, root, id_map, out, cfg, progress=False)
+    assert resumed_from == ["step-00000010"]
+    assert not [p.name for p in [*out.iterdir(), *ckpts.iterdir()] if p.name.startswith(".")]
+    assert_same_weights(out, want)
+
+
+def test_an_image_changed_since_validation_is_refused(small_backbone, tmp_path):
+    root = tmp_path / "data"
+    records = synthesize(root, n=4, seed=5, test_fraction=0.0)
+    changed = root / records[2].path
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(changed)  # after the scan that keyed it
+    cfg = TrainConfig(backbone="tiny", tiny=small_backbone, epochs=1, batch_size=4)
+    with pytest.raises(InvalidInputError) as e:
+        train(records, root, assign_identifiers(records, "numeric"), tmp_path / "run", cfg,
+              progress=False)  # fmt: skip
+    (p,) = e.value.problems
+    assert (p.file, p.rule) == (str(changed), "unchanged-image")
+    assert not (tmp_path / "run" / "model").exists()
+
+
 class RankEngine:
     """Records what one rank of a multi-GPU run does while a checkpoint is written."""
 
@@ -308,3 +378,32 @@ def test_progress_bar_only_on_a_terminal(small_backbone, tmp_path, capsys, monke
     monkeypatch.setattr("sys.stderr", terminal)
     train(records, tmp_path / "d", id_map, tmp_path / "tty", cfg)
     assert "grace train" in terminal.getvalue()
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # any callable: here, one that leaves a trace
+
+
+def test_a_checkpoint_that_would_run_code_when_loaded_is_refused(tmp_path):
+    import pickle
+
+    from grace.training.engine import _PLAIN_CKPT
+
+    model = torch.nn.Linear(2, 2)
+    engine = PlainEngine(model, torch.optim.AdamW(model.parameters()), grad_clip=0.0, bf16=False)
+    engine.save_checkpoint(tmp_path / "engine")
+    engine.load_checkpoint(tmp_path / "engine")  # our own checkpoints load
+    marker = tmp_path / "code-ran"
+    tampered = {
+        "model": model.state_dict(),
+        "optimizer": engine.optimizer.state_dict(),
+        "client_state": {"x": _RunsCodeWhenUnpickled(marker)},
+    }
+    torch.save(tampered, tmp_path / "engine" / _PLAIN_CKPT)
+    with pytest.raises(pickle.UnpicklingError):
+        engine.load_checkpoint(tmp_path / "engine")
+    assert not marker.exists()

@@ -171,7 +171,7 @@ def test_watch_host_submits_the_incremental_pipeline_once_per_new_revision(
     assert result.exit_code == 0, result.output
     (body,) = kfp_api.bodies("POST", "/runs")
     assert body["display_name"] == f"incremental-{first[:12]}"
-    assert body["pipeline_spec"]["pipelineInfo"]["name"] == "grace-incremental"
+    assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "grace-incremental"
     assert body["runtime_config"]["parameters"] == {"data_repo": str(repo), "data_rev": first}
     assert cached_tasks(body["pipeline_spec"]) == []
     run_id = kfp_api.requests[-1].answer["run_id"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from grace.atomic_io import atomic_dir
-from grace.errors import GraceError
+from grace.credentials import redact_text, redact_url
+from grace.errors import GraceError, InvalidInputError
 from grace.workflow.tracking import StepRun, Tracking, for_uri
 
 REVISION_FILE = "revision.json"
@@ -28,22 +30,47 @@ class StepContext:
 
 
 def context(tracking_uri: str, experiment: str, pipeline_key: str) -> StepContext:
-    """The context a KFP component builds from its plain parameters."""
+    """The context a KFP component builds from its plain parameters.
+
+    In a KFP task it also makes a user error (bad input, a refused gate) end the task with its
+    every problem listed in the log, and no traceback; a bug still prints one.
+    """
+    if _in_kfp_task():
+        sys.excepthook = _report_user_errors
     return StepContext(for_uri(tracking_uri, experiment), pipeline_key)
+
+
+def _in_kfp_task() -> bool:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec is not None and spec.name == "kfp.dsl.executor_main"
+
+
+def _report_user_errors(kind, error, tb) -> None:
+    if not isinstance(error, GraceError):
+        sys.__excepthook__(kind, error, tb)
+        return
+    problems = error.problems if isinstance(error, InvalidInputError) else [error]
+    for problem in problems:
+        print(f"error: {redact_text(str(problem))}", file=sys.stderr)
+    print(f"error: the task stopped on {len(problems)} problem(s)", file=sys.stderr, flush=True)
 
 
 def _materialize(source: str, rev: str, data_dir: str, out: Path) -> dict[str, str]:
     """Copy the set to ``out``; return where it came from, the revision resolved to a sha."""
     if rev:
-        from grace.data.versioning import open_image_set
+        from grace.data.versioning import fetch_image_set
 
-        open_image_set(source, rev, out, data_dir=data_dir)
-        return {"source": source, "revision": _resolve_rev(source, rev), "requested": rev}
+        fetch_image_set(source, rev, out, data_dir=data_dir)  # validate_data checks it
+        # what is recorded never holds the token a private repo URL may carry
+        revision = _resolve_rev(source, rev)
+        return {"source": redact_url(source), "revision": revision, "requested": rev}
     folder = Path(source)
     if not folder.is_dir():
         raise GraceError(f"{source}: no such image-set folder (give rev to read a DVC repo)")
     with atomic_dir(out) as tmp:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        # links stay links, so validation refuses them instead of copying what they point at
+        shutil.copytree(folder, tmp, dirs_exist_ok=True, symlinks=True)
     return {"source": str(folder.resolve()), "revision": "folder", "requested": ""}
 
 

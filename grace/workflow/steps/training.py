@@ -44,11 +44,14 @@ def validate_data(
     """
     from grace.data.imageset import manifest_frame, summarize, write_manifest
     from grace.data.validation import validate_image_set
+    from grace.data.versioning import revision_name
 
     params = {"source": source, "rev": rev or "(folder)", "data_dir": data_dir}
     with step_run(ctx.tracking, ctx.pipeline_key, "validate_data", params) as run:
         revision = _materialize(source, rev, data_dir, Path(out_dir))
         report = validate_image_set(out_dir, min_images=min_images)
+        if rev:  # name the revision's files, not the copy
+            report = report.relocated(revision_name(source, rev, data_dir))
         write_text(report_html, report.to_html())
         write_json(report_json, report.to_dict())
         run.log_artifact(report_html, "validation/report.html")
