@@ -44,6 +44,7 @@ from grace.training.examples import (
     plan_epoch,
 )
 from grace.training.fingerprint import check_or_record, run_fingerprint
+from grace.training.progress import ProgressLog, time_left
 from grace.training.pseudo_queries import model_captions, nearest_captions, resolve_source
 from grace.training.schedule import get_lr, time_share, total_steps
 
@@ -239,9 +240,16 @@ class _Run:
         # disable=None: no bar when stderr is not a terminal (a log would get every update)
         quiet = None if progress else True
         self.bar = tqdm(
-            total=self.total, initial=self.global_step, desc="grace train", disable=quiet
+            total=self.total,
+            initial=self.global_step,
+            desc="grace train",
+            disable=quiet,
+            # tqdm's own ETA counts steps; the postfix's "left" knows about the time budget
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
         )
+        self.log = ProgressLog(progress)  # lines where the bar is off (a log, not a terminal)
         self.t0 = time.perf_counter()
+        self.first_step = self.global_step
         self.seen = 0  # examples trained on since the start (this process's run)
         self.elapsed = 0.0  # seconds since the start, as of the last step's end
         self.stopped = False
@@ -320,8 +328,24 @@ class _Run:
         return metrics
 
     def show(self, metrics: dict[str, float]) -> None:
+        """The bar on a terminal, a line every ~10 s in a log.
+
+        Both count down by the rule that will stop the run: its steps or its time budget.
+        """
+        seconds, rule = left = time_left(
+            self.total - self.global_step,
+            self.global_step - self.first_step,
+            self.elapsed,
+            self.seconds_before_resume + self.elapsed,
+            self.cfg.max_seconds,
+        )
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}", left=f"{seconds:.0f}s ({rule})", refresh=False
+        )
+        self.log.step(
+            self.global_step, self.total, metrics["loss"], metrics["samples_per_second"], left
+        )
 
     def out_of_time(self) -> bool:
         """The wall-clock budget is spent (as of the last step's end)."""

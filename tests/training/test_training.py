@@ -378,6 +378,7 @@ def test_progress_bar_only_on_a_terminal(small_backbone, tmp_path, capsys, monke
     monkeypatch.setattr("sys.stderr", terminal)
     train(records, tmp_path / "d", id_map, tmp_path / "tty", cfg)
     assert "grace train" in terminal.getvalue()
+    assert "left=" in terminal.getvalue() and "(steps)" in terminal.getvalue()
 
 
 class _RunsCodeWhenUnpickled:
