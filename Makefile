@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export MPLBACKEND := Agg
 
-.PHONY: install system-deps demo test lint bench clean
+.PHONY: install system-deps demo test lint bench image clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,17 @@ lint: install
 	$(VENV)/bin/ruff check grace components pipelines tests bench
 	$(VENV)/bin/ruff format --check grace components pipelines tests bench
 	$(VENV)/bin/lint-imports
+
+# The image every KFP component runs in, tagged with the package version and the commit; push it,
+# then `grace pipeline compile|submit --image $(IMAGE)`. Docker or podman, whichever is here.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/grace-retrieval/grace:$(VERSION)-$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+VARIANT ?= cpu
+image:
+	@engine=$$(command -v docker || command -v podman) || \
+	  { echo "error: make image needs docker or podman" >&2; exit 2; }; \
+	$$engine build --build-arg VARIANT=$(VARIANT) -t $(IMAGE) . && \
+	echo "built $(IMAGE): push it, then grace pipeline submit --image $(IMAGE) ..."
 
 clean:
 	rm -rf $(VENV) .cache

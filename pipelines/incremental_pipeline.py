@@ -16,7 +16,12 @@ from grace_kfp.components.incremental_train import incremental_train
 from grace_kfp.components.no_change import no_change
 from grace_kfp.components.register_incremental import register_incremental
 from grace_kfp.components.validate_data import validate_data
-from grace_kfp.pipelines.credentials import DEFAULT_SECRET, with_credentials
+from grace_kfp.pipelines.task_settings import (
+    DEFAULT_SECRET,
+    with_credentials,
+    with_light_resources,
+    with_retries,
+)
 
 
 @dsl.pipeline(name="grace-incremental-update")
@@ -70,8 +75,8 @@ def incremental_update(
     train.set_caching_options(False)
     train.set_accelerator_type(train_accelerator_type)
     train.set_accelerator_limit(train_accelerator_limit)
-    train.set_cpu_limit(train_cpu_limit)
-    train.set_memory_limit(train_memory_limit)
+    train.set_cpu_request(train_cpu_limit).set_cpu_limit(train_cpu_limit)
+    train.set_memory_request(train_memory_limit).set_memory_limit(train_memory_limit)
     ev = evaluate_incremental(
         dataset=data.outputs["dataset"],
         model=train.outputs["model"],
@@ -93,6 +98,8 @@ def incremental_update(
         **track,
     )
     reg.set_caching_options(False)
+    with_light_resources([data, ev, reg])
+    with_retries([data, train, ev, reg])
     with_credentials([data, train, ev, reg], credentials_secret)
     return reg.outputs["Output"]
 
@@ -131,6 +138,8 @@ def incremental_pipeline(
         data_repo=data_repo, data_rev=data_rev, data_dir=data_dir, base_model=base_model, **track
     )
     change.set_caching_options(False)  # "what changed" depends on the registry, not the inputs
+    with_light_resources([change])
+    with_retries([change])
     with_credentials([change], credentials_secret)
     with dsl.If(change.outputs["changes"] != 0, name="data-changed"):
         update = incremental_update(
@@ -161,5 +170,7 @@ def incremental_pipeline(
     with dsl.Else(name="data-unchanged"):
         skip = no_change(diff=change.outputs["diff"], **track)
         skip.set_caching_options(False)
+        with_light_resources([skip])
+        with_retries([skip])
         with_credentials([skip], credentials_secret)
     return dsl.OneOf(update.output, skip.output)

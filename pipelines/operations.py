@@ -73,6 +73,7 @@ def pipeline_arguments(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
                 f" without them and put the secret in the environment ({GIT_TOKEN_ENV},"
                 " AWS_*, MLFLOW_TRACKING_*): Kubernetes secrets on a cluster, README#security"
             )
+        _check_settings(name, key, value)
         out[key] = value
     missing = [
         k for k, v in inputs.items() if v.default is None and not v.optional and k not in out
@@ -82,8 +83,40 @@ def pipeline_arguments(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def compile_pipeline(name: str = "training", out: str | os.PathLike | None = None) -> Path:
-    """Write the pipeline's IR YAML (``pipelines/compiled/<name>_pipeline.yaml`` by default)."""
+# Dict parameters that become TrainConfig or ReplayConfig fields inside a step.
+_TRAIN_SETTINGS = ("memorize_settings", "retrieve_settings", "train_settings")
+
+
+def _check_settings(name: str, key: str, value: Any) -> None:
+    """A settings dict checked now, as its step will read it.
+
+    A typo must not surface only when that step runs, after the steps before it have spent
+    their compute.
+    """
+    from grace.training.config import TrainConfig
+
+    try:
+        if key in _TRAIN_SETTINGS:
+            TrainConfig.from_dict(value)
+        elif key == "replay":
+            from grace.training.incremental import ReplayConfig
+
+            ReplayConfig(**value)
+    except (TypeError, ValueError) as e:
+        raise GraceError(f"pipeline {name} parameter {key}: {e}") from None
+
+
+def compile_pipeline(
+    name: str = "training", out: str | os.PathLike | None = None, image: str | None = None
+) -> Path:
+    """Write the pipeline's IR YAML (``pipelines/compiled/<name>_pipeline.yaml`` by default).
+
+    Args:
+        name: Which pipeline.
+        out: Where to write it.
+        image: The image every component runs in (what ``make image`` built and pushed);
+            default ``GRACE_IMAGE`` as the components were imported with.
+    """
     from kfp import compiler
 
     path = Path(out) if out else COMPILED / f"{name}_pipeline.yaml"
@@ -92,10 +125,33 @@ def compile_pipeline(name: str = "training", out: str | os.PathLike | None = Non
         pass
     try:
         compiler.Compiler().compile(_pipeline(name), package_path=tmp.name)
+        if image:
+            _set_image(Path(tmp.name), image)
         os.replace(tmp.name, path)
     finally:
         Path(tmp.name).unlink(missing_ok=True)
     return path
+
+
+def _set_image(path: Path, image: str) -> None:
+    """Every executor of a compiled pipeline runs ``image``."""
+    docs = list(yaml.safe_load_all(path.read_text()))
+    for executor in docs[0]["deploymentSpec"]["executors"].values():
+        executor["container"]["image"] = image
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+
+
+def require_tracking(name: str, args: dict[str, Any]) -> None:
+    """Refuse a cluster run without a tracking URI.
+
+    It would train untracked, then fail at ``register`` (the registry lives in MLflow), after
+    the whole pipeline's compute.
+    """
+    if not args.get("tracking_uri"):
+        raise GraceError(
+            f"pipeline {name} registers its model in MLflow: give --tracking-uri (or set"
+            " MLFLOW_TRACKING_URI) to a server the cluster reaches"
+        )
 
 
 def run_local(
@@ -135,17 +191,19 @@ def submit(
     experiment: str = "grace",
     run_name: str | None = None,
     namespace: str | None = None,
+    image: str | None = None,
 ) -> str:
     """Start one run on a KFP cluster (caching off: training must really train); its run id.
 
-    The experiment is reused by name, or created.
+    The experiment is reused by name, or created; ``image`` as in :func:`compile_pipeline`.
     """
     args = pipeline_arguments(name, arguments)
+    require_tracking(name, args)
     run_name = run_name or f"{_pipeline(name).name} {datetime.now():%Y-%m-%d %H-%M-%S}"
     with kfp_api_errors(host), tempfile.TemporaryDirectory() as tmp:
         client = _client(host, namespace)
         result = client.create_run_from_pipeline_package(
-            str(_uncached_package(name, Path(tmp))),
+            str(_uncached_package(name, Path(tmp), image)),
             arguments=args,
             run_name=run_name,
             experiment_name=experiment,
@@ -164,6 +222,7 @@ def schedule(
     experiment: str = "grace",
     job_name: str | None = None,
     namespace: str | None = None,
+    image: str | None = None,
 ) -> str:
     """A recurring run on a KFP cluster.
 
@@ -174,6 +233,7 @@ def schedule(
     if len(cron.split()) != 6:
         raise GraceError(f"--cron {cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 2 * * *'")
     args = pipeline_arguments(name, arguments)
+    require_tracking(name, args)
     with kfp_api_errors(host), tempfile.TemporaryDirectory() as tmp:
         client = _client(host, namespace)
         exp = client.create_experiment(experiment, namespace=namespace)
@@ -184,20 +244,20 @@ def schedule(
             max_concurrency=1,
             no_catchup=True,
             params=args,
-            pipeline_package_path=str(_uncached_package(name, Path(tmp))),
+            pipeline_package_path=str(_uncached_package(name, Path(tmp), image)),
             enable_caching=False,
         )
     return job.recurring_run_id
 
 
-def _uncached_package(name: str, folder: Path) -> Path:
+def _uncached_package(name: str, folder: Path, image: str | None = None) -> Path:
     """The pipeline compiled with caching off on every task at every depth.
 
     kfp.Client's ``enable_caching=False`` only reaches the root DAG's tasks: the steps inside a
     ``dsl.If`` or a sub-pipeline (the incremental pipeline's validate and evaluate) would still
     be served from cache.
     """
-    path = compile_pipeline(name, folder / f"{name}_pipeline.yaml")
+    path = compile_pipeline(name, folder / f"{name}_pipeline.yaml", image)
     docs = list(yaml.safe_load_all(path.read_text()))
     spec = docs[0]
     dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]

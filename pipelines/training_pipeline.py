@@ -15,7 +15,12 @@ from grace_kfp.components.memorize import memorize
 from grace_kfp.components.register import register
 from grace_kfp.components.retrieve import retrieve
 from grace_kfp.components.validate_data import validate_data
-from grace_kfp.pipelines.credentials import DEFAULT_SECRET, with_credentials
+from grace_kfp.pipelines.task_settings import (
+    DEFAULT_SECRET,
+    with_credentials,
+    with_light_resources,
+    with_retries,
+)
 
 
 @dsl.pipeline(name="grace-training", description="GRACE: memorize and retrieve an image set.")
@@ -80,8 +85,8 @@ def training_pipeline(
         task.set_caching_options(False)
         task.set_accelerator_type(train_accelerator_type)
         task.set_accelerator_limit(train_accelerator_limit)
-        task.set_cpu_limit(train_cpu_limit)
-        task.set_memory_limit(train_memory_limit)
+        task.set_cpu_request(train_cpu_limit).set_cpu_limit(train_cpu_limit)
+        task.set_memory_request(train_memory_limit).set_memory_limit(train_memory_limit)
     ev = evaluate(
         dataset=data.outputs["dataset"],
         model=ret.outputs["model"],
@@ -102,5 +107,7 @@ def training_pipeline(
         **track,
     )
     reg.set_caching_options(False)
+    with_light_resources([data, ids, ev, reg])
+    with_retries([data, ids, mem, ret, ev, reg])
     with_credentials([data, ids, mem, ret, ev, reg], credentials_secret)
     return reg.outputs["Output"]

@@ -73,6 +73,14 @@ def pipeline_run(
     )
 
 
+ImageOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Image every component runs in (what `make image` pushed); default $GRACE_IMAGE."
+    ),
+]
+
+
 @pipeline_app.command("compile")
 @reports_errors
 def pipeline_compile(
@@ -80,11 +88,12 @@ def pipeline_compile(
         Path | None, typer.Option(help="YAML path (default pipelines/compiled/).")
     ] = None,
     pipeline: NameOpt = "training",
+    image: ImageOpt = None,
 ) -> None:
     """Compile a pipeline to KFP IR YAML (what a cluster runs)."""
     from grace_kfp.pipelines.operations import compile_pipeline
 
-    typer.echo(f"wrote {compile_pipeline(pipeline, out)}")
+    typer.echo(f"wrote {compile_pipeline(pipeline, out, image)}")
 
 
 HostOpt = Annotated[str, typer.Option(help="KFP API endpoint, e.g. https://kfp.example.com.")]
@@ -102,6 +111,7 @@ def pipeline_submit(
     tracking_uri: TrackingOpt = None,
     param: ParamOpt = None,
     pipeline: NameOpt = "training",
+    image: ImageOpt = None,
 ) -> None:
     """Start one run on a Kubeflow Pipelines cluster (caching off)."""
     from grace_kfp.pipelines.operations import submit
@@ -114,6 +124,7 @@ def pipeline_submit(
         experiment=experiment,
         run_name=run_name,
         namespace=namespace,
+        image=image,
     )
     typer.echo(f"submitted run {run_id}")
 
@@ -131,6 +142,7 @@ def pipeline_schedule(
     tracking_uri: TrackingOpt = None,
     param: ParamOpt = None,
     pipeline: NameOpt = "training",
+    image: ImageOpt = None,
 ) -> None:
     """Create a recurring run on a Kubeflow Pipelines cluster."""
     from grace_kfp.pipelines.operations import schedule
@@ -144,6 +156,7 @@ def pipeline_schedule(
         experiment=experiment,
         job_name=job_name,
         namespace=namespace,
+        image=image,
     )
     typer.echo(f"scheduled recurring run {job}")
 
@@ -223,6 +236,10 @@ def watch(
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if local and not uri:
         uri = local_store(work / "mlflow").uri
+    if not local:  # refused now, not at every new revision
+        from grace_kfp.pipelines.operations import require_tracking
+
+        require_tracking(pipeline, {"tracking_uri": uri})
 
     def trigger(sha: str) -> Any:
         args = _arguments(param, data_repo, sha, uri)

@@ -27,6 +27,7 @@ from tests.fixtures.kfp_api_standin import KfpApiStandIn, cached_tasks
 from tests.fixtures.servers import BIN, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+TRACKED = {"tracking_uri": "http://mlflow.mlflow:5000"}  # a cluster run must be tracked
 
 
 @pytest.mark.parametrize("name", sorted(operations.pipelines()))
@@ -54,7 +55,8 @@ def test_training_pipeline_wires_six_steps_with_cluster_resources(tmp_path):
         assert "train_accelerator_limit" in resources["accelerator"]["resourceCount"]
         assert "train_cpu_limit" in resources["resourceCpuLimit"]
         assert "train_memory_limit" in resources["resourceMemoryLimit"]
-    assert "resources" not in executors["exec-evaluate"]["container"]
+    light = executors["exec-evaluate"]["container"]["resources"]  # fixed, not parameters
+    assert (light["resourceCpuRequest"], light["resourceMemoryLimit"]) == ("1", "8G")
     assert all(
         e["container"]["image"].startswith(("ghcr.io/", "grace")) for e in executors.values()
     )
@@ -62,7 +64,7 @@ def test_training_pipeline_wires_six_steps_with_cluster_resources(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(operations.pipelines()))
 def test_every_task_reads_credentials_from_the_named_secret_only(name, tmp_path):
-    from grace_kfp.pipelines.credentials import CREDENTIAL_ENV, DEFAULT_SECRET
+    from grace_kfp.pipelines.task_settings import CREDENTIAL_ENV, DEFAULT_SECRET
 
     text = compile_pipeline(name, tmp_path / "p.yaml").read_text()
     pipeline, platform = yaml.safe_load_all(text)
@@ -95,6 +97,15 @@ def test_arguments_are_cast_and_checked():
         pipeline_arguments("nope", {})
 
 
+def test_a_typo_in_a_settings_dict_is_refused_before_any_step_runs():
+    with pytest.raises(GraceError, match="memorize_settings.*unknown training settings.*epoch"):
+        pipeline_arguments("training", {"data_repo": "r", "memorize_settings": {"epoch": 3}})
+    with pytest.raises(GraceError, match="replay"):
+        pipeline_arguments("incremental", {"data_repo": "r", "replay": {"minimun": 8}})
+    ok = {"data_repo": "r", "retrieve_settings": {"epochs": 3, "lite.hidden": 128}}
+    assert pipeline_arguments("training", ok)["retrieve_settings"]["epochs"] == 3
+
+
 @pytest.mark.parametrize(
     "arguments",
     [
@@ -123,7 +134,7 @@ def by_name(name: str) -> list[dict]:
 
 def test_submit_sends_the_training_pipeline_uncached_with_our_arguments(kfp_api):
     args = {"data_repo": "https://git/x", "data_rev": "v2", "dense_seconds": 45,
-            "memorize_settings": {"epochs": 1}}  # fmt: skip
+            "memorize_settings": {"epochs": 1}, **TRACKED}  # fmt: skip
     run = operations.submit(kfp_api.url, args, run_name="nightly")
     calls = [(r.method, r.path) for r in kfp_api.requests]
     assert calls == [
@@ -148,9 +159,38 @@ def test_submit_sends_the_training_pipeline_uncached_with_our_arguments(kfp_api)
     assert run == kfp_api.requests[-1].answer["run_id"]
 
 
+def test_a_cluster_run_without_tracking_is_refused_before_the_server_sees_it(kfp_api):
+    for call in (
+        lambda: operations.submit(kfp_api.url, {"data_repo": "r"}),
+        lambda: operations.schedule(kfp_api.url, "0 0 2 * * *", {"data_repo": "r"}),
+    ):
+        with pytest.raises(GraceError, match="--tracking-uri"):
+            call()
+    assert kfp_api.requests == []
+
+
+@pytest.mark.parametrize("name", sorted(operations.pipelines()))
+def test_compiled_for_an_image_every_task_runs_it_with_resources_and_retries(name, tmp_path):
+    image = "registry.example.com/team/grace:0.1.0-abc1234"
+    pipeline, _ = yaml.safe_load_all(compile_pipeline(name, tmp_path / "p.yaml", image).read_text())
+    executors = pipeline["deploymentSpec"]["executors"]
+    for exe in executors.values():
+        resources = exe["container"]["resources"]
+        assert exe["container"]["image"] == image
+        for field in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest",
+                      "resourceMemoryLimit"):  # fmt: skip
+            assert resources[field], field  # none runs BestEffort
+    components = pipeline["components"]
+    dags = [pipeline["root"]["dag"], *(c["dag"] for c in components.values() if "dag" in c)]
+    steps = [t for d in dags for t in d["tasks"].values()
+             if "executorLabel" in components[t["componentRef"]["name"]]]  # fmt: skip
+    assert len(steps) == len(executors)
+    assert all(int(t["retryPolicy"]["maxRetryCount"]) == 2 for t in steps)
+
+
 def test_a_second_submit_reuses_the_experiment_by_name(kfp_api):
-    first = operations.submit(kfp_api.url, {"data_repo": "r"}, experiment="team-a")
-    second = operations.submit(kfp_api.url, {"data_repo": "r"}, experiment="team-a")
+    first = operations.submit(kfp_api.url, {"data_repo": "r", **TRACKED}, experiment="team-a")
+    second = operations.submit(kfp_api.url, {"data_repo": "r", **TRACKED}, experiment="team-a")
     assert first != second
     assert len(kfp_api.bodies("POST", "/experiments")) == 1
     (experiment,) = kfp_api.experiments.values()
@@ -163,7 +203,7 @@ def test_a_second_submit_reuses_the_experiment_by_name(kfp_api):
 def test_the_incremental_pipeline_is_submitted_uncached_at_every_depth(kfp_api):
     """kfp.Client's enable_caching=False reaches only the root DAG; the incremental pipeline's
     steps sit inside a dsl.If and a sub-pipeline."""
-    operations.submit(kfp_api.url, {"data_repo": "r"}, name="incremental")
+    operations.submit(kfp_api.url, {"data_repo": "r", **TRACKED}, name="incremental")
     (body,) = kfp_api.bodies("POST", "/runs")
     spec = body["pipeline_spec"]["pipeline_spec"]
     nested = [c for c in spec["components"].values() if c.get("dag", {}).get("tasks")]
@@ -174,7 +214,7 @@ def test_the_incremental_pipeline_is_submitted_uncached_at_every_depth(kfp_api):
 
 def test_schedule_creates_a_recurring_run_one_at_a_time_without_catchup(kfp_api):
     kfp_api.experiments["e-1"] = {"experiment_id": "e-1", "display_name": "grace"}
-    job = operations.schedule(kfp_api.url, "0 0 2 * * *", {"data_repo": "https://git/x"})
+    job = operations.schedule(kfp_api.url, "0 0 2 * * *", {"data_repo": "https://git/x", **TRACKED})
     assert kfp_api.bodies("POST", "/experiments") == []  # found by name, reused
     (body,) = kfp_api.bodies("POST", "/recurringruns")
     assert body["experiment_id"] == "e-1" and body["display_name"] == "grace-training"
@@ -182,12 +222,12 @@ def test_schedule_creates_a_recurring_run_one_at_a_time_without_catchup(kfp_api)
     assert int(body["max_concurrency"]) == 1 and body["no_catchup"] is True
     assert body["mode"] == "ENABLE"
     assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "grace-training"
-    assert body["runtime_config"]["parameters"] == {"data_repo": "https://git/x"}
+    assert body["runtime_config"]["parameters"] == {"data_repo": "https://git/x", **TRACKED}
     assert cached_tasks(body["pipeline_spec"]) == []
     assert job == kfp_api.requests[-1].answer["recurring_run_id"]
     kfp_api.requests.clear()
     with pytest.raises(GraceError, match="6 fields"):
-        operations.schedule(kfp_api.url, "0 2 * * *", {"data_repo": "r"})
+        operations.schedule(kfp_api.url, "0 2 * * *", {"data_repo": "r", **TRACKED})
     assert kfp_api.requests == []  # refused before asking the server
 
 
@@ -217,16 +257,16 @@ def test_the_standin_refuses_what_a_kfp_api_server_refuses(tmp_path):
 def test_server_errors_are_one_line_naming_the_host(kfp_api):
     kfp_api.failures[("POST", "/apis/v2beta1/runs")] = (500, "database is locked")
     with pytest.raises(GraceError) as got:
-        operations.submit(kfp_api.url, {"data_repo": "r"})
+        operations.submit(kfp_api.url, {"data_repo": "r", **TRACKED})
     assert str(got.value) == (
         f"the KFP API at {kfp_api.url} refused: HTTP 500 Internal Server Error: database is locked"
     )
     kfp_api.failures[("GET", EXPERIMENTS)] = (403, "user is not allowed in namespace")
     with pytest.raises(GraceError, match=f"{kfp_api.url} refused: HTTP 403.*not allowed"):
-        operations.schedule(kfp_api.url, "0 0 2 * * *", {"data_repo": "r"})
+        operations.schedule(kfp_api.url, "0 0 2 * * *", {"data_repo": "r", **TRACKED})
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(GraceError, match=f"cannot reach the KFP API at {nobody}"):
-        operations.submit(nobody, {"data_repo": "r"})
+        operations.submit(nobody, {"data_repo": "r", **TRACKED})
 
 
 def test_cli_submit_as_a_user_runs_it(kfp_api, tmp_path):
@@ -251,7 +291,7 @@ def test_cli_submit_as_a_user_runs_it(kfp_api, tmp_path):
 
 
 def test_cli_schedule_and_a_refusing_server(kfp_api):
-    runner = CliRunner()
+    runner = CliRunner(env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
     ok = runner.invoke(app, [
         "pipeline", "schedule", "--host", kfp_api.url, "--cron", "0 30 1 * * 1-5",
         "--data-repo", "https://git/x", "--job-name", "weekdays",
@@ -304,7 +344,7 @@ def test_pipelines_only_wire_components():
     for path in (ROOT / "pipelines").glob("*_pipeline.py"):
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        wiring = {"kfp", "grace_kfp.pipelines.credentials"}  # secrets are wiring too
+        wiring = {"kfp", "grace_kfp.pipelines.task_settings"}  # secrets are wiring too
         assert imported <= wiring | {m for m in imported if m.startswith("grace_kfp.components.")}
         # wiring only: every function in the file is a pipeline
         funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]

@@ -166,13 +166,19 @@ def test_watch_host_submits_the_incremental_pipeline_once_per_new_revision(
     state = tmp_path / "state.json"
     watch = ["watch", "--data-repo", str(repo), "--host", kfp_api.url, "--once",
              "--state", str(state)]  # fmt: skip
+    untracked = CliRunner().invoke(app, watch)  # it would train runs that cannot register
+    assert untracked.exit_code == 2 and "--tracking-uri" in untracked.output
+    assert kfp_api.requests == []
+    watch += ["--tracking-uri", "http://mlflow:5000"]
     first = commit(repo, "data.dvc", "md5: a\n")
     result = CliRunner().invoke(app, watch)
     assert result.exit_code == 0, result.output
     (body,) = kfp_api.bodies("POST", "/runs")
     assert body["display_name"] == f"incremental-{first[:12]}"
     assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "grace-incremental"
-    assert body["runtime_config"]["parameters"] == {"data_repo": str(repo), "data_rev": first}
+    assert body["runtime_config"]["parameters"] == {
+        "data_repo": str(repo), "data_rev": first, "tracking_uri": "http://mlflow:5000"
+    }  # fmt: skip
     assert cached_tasks(body["pipeline_spec"]) == []
     run_id = kfp_api.requests[-1].answer["run_id"]
     assert json.loads(state.read_text())["revisions"][first]["result"] == run_id
