@@ -8,12 +8,14 @@ and say how to open the MLflow UI.
 from __future__ import annotations
 
 import os
+import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from grace.constants import DEFAULT_ID_SCHEME
 
@@ -93,7 +95,7 @@ def run_demo(
     echo(f"== training pipeline through kfp.local (root {work / 'pipeline_root'}, log {log})")
     t_pipe = time.perf_counter()
     try:
-        with _output_to(log):
+        with _output_to(log) as terminal, following(log, terminal):
             out = run_local(args, work)
     except Exception:
         echo("".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]))
@@ -136,24 +138,30 @@ def run_demo(
             mark = "  <- gold" if row.path == gold[q] else ""
             echo(f"     {row.rank}. {row.path}  id={row.identifier}  {row.score:.3f}{mark}")
     echo("\n== review the run in the MLflow UI:")
-    echo(f"   mlflow ui --backend-store-uri {tracking.uri} --port 5000")
+    echo(
+        "   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --port 5000"
+        f" --backend-store-uri {tracking.uri}"
+    )
     echo("   then open http://127.0.0.1:5000 (experiment grace-demo, model grace)")
     echo(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     return {"pipeline": out, "metrics": dict(m), "results": frame}
 
 
 @contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """Send this process's stdout/stderr, and so every task subprocess's, to ``path``."""
+def _output_to(path: Path) -> Iterator[TextIO]:
+    """Send this process's stdout/stderr, and so every task subprocess's, to ``path``.
+
+    Yields the terminal (the stdout from before), for the lines that are meant for a person.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with open(path, "ab") as f:
+    with open(path, "ab") as f, os.fdopen(os.dup(saved[0]), "w", buffering=1) as terminal:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
-            yield
+            yield terminal
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -161,6 +169,63 @@ def _output_to(path: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
+
+
+_STARTED = re.compile(r"Executing task '([\w-]+)'")
+_ENDED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
+_PROGRESS = re.compile(r"grace train: (step .*)")
+
+
+@contextmanager
+def following(
+    log: Path, terminal: TextIO, poll: float = 0.5, progress_every: float = 30.0
+) -> Iterator[None]:
+    """Echo the pipeline's own milestones from ``log`` to ``terminal`` while it runs.
+
+    A line when each step starts and ends (with its time), and a training step's progress
+    line at most every ``progress_every`` seconds; everything else stays in the log.
+
+    Args:
+        log: The log the pipeline's tasks write to (followed from its current end).
+        terminal: Where the lines go.
+        poll: Seconds between reads of the log.
+        progress_every: Seconds between two echoed training progress lines.
+    """
+    stop = threading.Event()
+    offset = log.stat().st_size if log.exists() else 0
+
+    def follow() -> None:
+        started: dict[str, float] = {}
+        step, last_progress = "", 0.0
+        with open(log, errors="replace") as f:
+            f.seek(offset)
+            while True:
+                line = f.readline()
+                if not line:
+                    if stop.is_set():
+                        return
+                    stop.wait(poll)
+                    continue
+                if m := _STARTED.search(line):
+                    step = m.group(1)
+                    started[step] = time.perf_counter()
+                    terminal.write(f"   {step} ...\n")
+                elif m := _ENDED.search(line):
+                    took = time.perf_counter() - started.get(m.group(1), time.perf_counter())
+                    terminal.write(f"   {m.group(1)} {m.group(2).lower()} in {took:.0f} s\n")
+                elif (m := _PROGRESS.search(line)) and time.perf_counter() - last_progress >= (
+                    progress_every
+                ):
+                    last_progress = time.perf_counter()
+                    terminal.write(f"     {step}: {m.group(1)}\n")
+
+    thread = threading.Thread(target=follow, name="demo-log", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def _latest_pipeline_run(uri: str, experiment: str):

@@ -177,7 +177,12 @@ def run_local(
         experiment_id(tracking)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     try:
-        task = _pipeline(name)(**pipeline_arguments(name, arguments))
+        with warnings.catch_warnings():
+            # by design here: tasks run in this environment, not the image, and the cluster's
+            # resources, retries and secrets do not apply
+            warnings.filterwarnings("ignore", ".*You may be attemping to run", RuntimeWarning)
+            warnings.filterwarnings("ignore", r"Task '.*': settings \[", UserWarning)
+            task = _pipeline(name)(**pipeline_arguments(name, arguments))
     except RuntimeError as e:
         raise GraceError(f"pipeline {name} failed: {e}") from e
     return {"output": task.output, "pipeline_root": str(root)}

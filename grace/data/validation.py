@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import html
 import json
+import logging
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,22 @@ from grace.data.imageset import (
 )
 from grace.data.records import SPLITS
 from grace.errors import InvalidInputError, Problem
+
+# GX logs ~200 INFO lines per import ("Skipping registering function ...", and one module sets
+# its own logger to INFO): a pipeline step's log must show the suite's outcome, not GX's registry.
+_GX_CHATTY = ("great_expectations", "great_expectations.data_context.types.base")
+
+
+def _gx():
+    """great_expectations, imported with its INFO chatter off (during the import, and after)."""
+    for name in _GX_CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import great_expectations
+
+    for name in _GX_CHATTY:  # the import set one of them back to INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return great_expectations
+
 
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f]"
 NO_IMAGES = "<no images>"  # GX needs a non-empty value set
@@ -239,7 +256,7 @@ def _suites(
     tables: _Tables, limits: Limits, min_images: int, min_captions: int
 ) -> list[tuple[str, Any, list]]:
     """(table name, DataFrame, expectations); each expectation's meta names its rule."""
-    import great_expectations as gx
+    gx = _gx()
 
     E = gx.expectations
 
@@ -312,7 +329,7 @@ def _suites(
 @functools.cache
 def _gx_batches() -> tuple[Any, dict[str, Any]]:
     """One ephemeral GX context per process (building one is the slow part), batch per table."""
-    import great_expectations as gx
+    gx = _gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
@@ -326,7 +343,7 @@ def _gx_batches() -> tuple[Any, dict[str, Any]]:
 
 
 def _run_suite(name: str, frame: pd.DataFrame, expectations: list) -> dict[str, Any]:
-    import great_expectations as gx
+    gx = _gx()
 
     context, batches = _gx_batches()
     suite = context.suites.add_or_update(

@@ -18,6 +18,9 @@ from typing import Any
 from grace.credentials import redact_text, redact_value
 
 PIPELINE_KEY_TAG = "grace.pipeline_run"
+# Without a kind the MLflow 3 UI opens an experiment in GenAI mode (traces, prompts), not runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 STEP_TAG = "grace.step"
 
 
@@ -71,10 +74,16 @@ def experiment_id(tracking: Tracking) -> str:
     mlflow.set_tracking_uri(tracking.uri)
     found = mlflow.get_experiment_by_name(tracking.experiment)
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:  # made before the kind was set
+            mlflow.MlflowClient().set_experiment_tag(
+                found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
+            )
         return found.experiment_id
     try:
         return mlflow.create_experiment(
-            tracking.experiment, artifact_location=tracking.artifact_location
+            tracking.experiment,
+            artifact_location=tracking.artifact_location,
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
         )
     except Exception:  # another step created it first
         found = mlflow.get_experiment_by_name(tracking.experiment)
@@ -262,16 +271,32 @@ class MetricsLogger:
         self.run = run
         self.every = max(1, every)
         self.history: list[tuple[int, dict[str, float]]] = []
+        self._window_start = 0  # index in history of the first step not logged yet
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.history.append((step, dict(metrics)))
         if step == 1 or step % self.every == 0:
-            self.run.log_metrics(metrics, step=step)
+            self._log_window()
 
     def flush(self) -> None:
-        """Log the last step too, so a curve ends where training ended."""
-        if self.history and self.history[-1][0] % self.every:
-            self.run.log_metrics(self.history[-1][1], step=self.history[-1][0])
+        """Log the last steps too, so a curve ends where training ended."""
+        if self._window_start < len(self.history):
+            self._log_window()
+
+    def _log_window(self) -> None:
+        """Log one point for the steps since the last one.
+
+        Each loss is its mean over those steps (one batch's loss is noise); everything else
+        (lr, epoch, throughput) as of the last step.
+        """
+        window = self.history[self._window_start :]
+        step, last = window[-1]
+        logged = dict(last)
+        for key in sorted({k for _, m in window for k in m if k.startswith("loss")}):
+            values = [m[key] for _, m in window if key in m]
+            logged[key] = sum(values) / len(values)
+        self.run.log_metrics(logged, step=step)
+        self._window_start = len(self.history)
 
     def loss_figure(self, title: str):
         """A matplotlib figure of loss per task against step."""

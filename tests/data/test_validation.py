@@ -229,3 +229,11 @@ def test_captions_over_the_size_cap_are_refused_before_reading(bad_set):
     size = (bad_set / "captions.jsonl").stat().st_size
     report = validate_image_set(bad_set, Limits(max_captions_bytes=size - 1))
     assert problems_of(report, bad_set) == {("captions.jsonl", None, "max-captions-bytes")}
+
+
+def test_validation_logs_no_great_expectations_chatter(good_set, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        validate_image_set(good_set)
+    assert not [r for r in caplog.records if r.name.startswith("great_expectations")]

@@ -34,3 +34,29 @@ def test_params_and_tags_are_redacted_before_they_reach_mlflow(tmp_path):
     assert "s3cret" not in repr(recorded)
     assert step.data.params["source"] == "https://***@github.com/team/images.git"
     assert parent.data.tags["data.source"] == "https://***@github.com/team/images.git"
+    kind = client.get_experiment(step.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # the UI opens runs, not GenAI traces
+
+
+class _Recorder:
+    def __init__(self):
+        self.points = []
+
+    def log_metrics(self, metrics, step=None):
+        self.points.append((step, metrics))
+
+
+def test_training_curves_log_the_mean_loss_of_each_window_not_one_batch():
+    from grace.workflow.tracking import MetricsLogger
+
+    run = _Recorder()
+    logger = MetricsLogger(run, every=4)
+    for step in range(1, 11):
+        task = "memorize" if step % 2 else "retrieve"
+        logger(step, {"loss": float(step), f"loss_{task}": float(step), "lr": step / 100})
+    logger.flush()
+    assert [s for s, _ in run.points] == [1, 4, 8, 10]
+    _, at8 = run.points[2]  # steps 5..8
+    assert at8["loss"] == 6.5 and at8["loss_memorize"] == 6.0 and at8["loss_retrieve"] == 7.0
+    assert at8["lr"] == 0.08  # as of the last step
+    assert run.points[3][1]["loss"] == 9.5

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,11 @@ def _log_dataset(run: StepRun, frame, revision: dict[str, str]) -> None:
     from mlflow.entities import DatasetInput, InputTag
 
     table = frame.drop(columns=["captions"]).assign(captions=frame["captions"].map(len))
-    ds = mlflow.data.from_pandas(
-        table, source=f"{revision['source']}@{revision['revision']}", name="image-set"
-    )
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is a name
+        warnings.filterwarnings("ignore", ".*The specified dataset source", UserWarning)
+        ds = mlflow.data.from_pandas(
+            table, source=f"{revision['source']}@{revision['revision']}", name="image-set"
+        )
     mlflow.log_input(ds, context="training")
     entity = DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])
     MlflowClient().log_inputs(run.parent_id, datasets=[entity])
