@@ -81,6 +81,9 @@ def locked(target: str | os.PathLike, wait_message: str | None = None) -> Iterat
             print(wait_message, file=sys.stderr, flush=True)
         lock.acquire()
     try:
+        # every writer of target holds this lock, so a temporary of target's now is a killed one's
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         yield
     finally:
         lock.release()

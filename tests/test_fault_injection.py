@@ -182,6 +182,7 @@ def test_ids_extend_killed_at_many_points_keeps_every_old_id(tmp_path):
     again = subprocess.run([grace, "ids", "extend", "--ids", str(ids), "--data", str(both)],
                            capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     assert "added 0 identifiers" in again.stdout and IdentifierMap.load(ids).ids == now
+    assert not list(tmp_path.glob(".ids.json.*.tmp"))  # killed writers' temporaries are gone
 
 
 # ---- training --------------------------------------------------------------------------------
