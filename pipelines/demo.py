@@ -130,6 +130,7 @@ def run_demo(
     if alias != "champion":
         echo("\n(the gate refused this model and there is no earlier champion: its challenger)")
     echo(f"\n== searches with models:/grace@{alias}")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a blink, locally
     model = load_pyfunc(f"models:/grace@{alias}")
     frame = model.predict(pd.DataFrame({"query": queries}), params={"k": 5})
     for q in queries:

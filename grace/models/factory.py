@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,34 @@ def load_backbone(name_or_path: str | os.PathLike) -> tuple[PreTrainedModel, Pro
     With ``HF_HUB_OFFLINE=1`` (tests, air-gapped clusters) only local files are used.
     """
     local = Path(name_or_path).is_dir()
-    if local and GraceLiteProcessor.is_saved_in(name_or_path):
-        processor = GraceLiteProcessor.from_pretrained(name_or_path)
-        model = GraceLiteForConditionalGeneration.from_pretrained(str(name_or_path))
-        _sync_generation_ids(model, processor.tokenizer)
-        return model, processor
-    offline = local or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    processor = AutoProcessor.from_pretrained(str(name_or_path), local_files_only=offline)
-    model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), local_files_only=offline)
+    with _no_loading_bar() if local else nullcontext():
+        if local and GraceLiteProcessor.is_saved_in(name_or_path):
+            processor = GraceLiteProcessor.from_pretrained(name_or_path)
+            model = GraceLiteForConditionalGeneration.from_pretrained(str(name_or_path))
+            _sync_generation_ids(model, processor.tokenizer)
+            return model, processor
+        offline = local or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        processor = AutoProcessor.from_pretrained(str(name_or_path), local_files_only=offline)
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(name_or_path), local_files_only=offline
+        )
     _sync_generation_ids(model, tokenizer_of(processor))
     return model, processor
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """Turn transformers' "Loading weights" bar off while a local folder loads.
+
+    Reading a local folder takes a blink; the bar would be the only line a search or a
+    pipeline step prints about it.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

@@ -40,3 +40,10 @@ def test_old_module_names_still_import_with_a_deprecation_warning():
     assert config.TrainConfig is TrainConfig and config.Prompts is Prompts
     with pytest.raises(AttributeError):
         config.no_such_name  # noqa: B018
+
+
+def test_loading_a_saved_model_draws_no_progress_bar(capfd):
+    """A search or a pipeline step prints its results, not transformers' loading bar."""
+    GraceRetriever.load(LEGACY / "model")
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err
