@@ -19,6 +19,7 @@ import yaml
 from grace.credentials import GIT_TOKEN_ENV, redact_value
 from grace.errors import GraceError
 from grace_kfp.pipelines.kfp_api_errors import kfp_api_errors
+from grace_kfp.pipelines.task_settings import local_run
 
 COMPILED = Path(__file__).parent / "compiled"
 
@@ -182,7 +183,8 @@ def run_local(
             # resources, retries and secrets do not apply
             warnings.filterwarnings("ignore", ".*You may be attemping to run", RuntimeWarning)
             warnings.filterwarnings("ignore", r"Task '.*': settings \[", UserWarning)
-            task = _pipeline(name)(**pipeline_arguments(name, arguments))
+            with local_run():
+                task = _pipeline(name)(**pipeline_arguments(name, arguments))
     except RuntimeError as e:
         raise GraceError(f"pipeline {name} failed: {e}") from e
     return {"output": task.output, "pipeline_root": str(root)}

@@ -57,6 +57,7 @@ def _commit(repo: Path, paths: list[str], message: str) -> str:
 def _dvc_errors(what: str) -> Iterator[None]:
     """DVC and git errors become one-line ``GraceError``s; DVC's chatter stays at warnings."""
     from dvc.exceptions import DvcException
+    from dvc_data.index.index import DataIndexError
     from scmrepo.exceptions import SCMError
 
     log = logging.getLogger("dvc")
@@ -64,6 +65,13 @@ def _dvc_errors(what: str) -> Iterator[None]:
     log.setLevel(max(level, logging.WARNING))
     try:
         yield
+    except DataIndexError as e:  # what a revision's data not in cache nor on a remote raises
+        raise GraceError(
+            redact_text(
+                f"{what}: its data is neither in the DVC cache nor on a reachable remote ({e});"
+                " `grace data pull --rev REV` fetches it (the demo set: `make demo` caches it)"
+            )
+        ) from e
     except (DvcException, SCMError) as e:
         raise GraceError(redact_text(f"{what}: {e}")) from e
     finally:

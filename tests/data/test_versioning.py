@@ -306,3 +306,22 @@ def test_first_add_creates_the_set_and_pushes_to_a_local_remote(tmp_path, monkey
     assert sorted(r.key for r in records) == sorted(r.key for r in scan_image_set(source))
     with pytest.raises(GraceError, match="no-such-rev"):
         open_image_set(repo, "no-such-rev", tmp_path / "out2")
+
+
+def test_a_revision_whose_data_is_nowhere_says_how_to_get_it(tmp_path, monkeypatch):
+    """What a fresh clone meets before `make demo` has cached the demo set."""
+    from dvc.repo import Repo
+
+    for k, v in GIT_ENV.items():
+        monkeypatch.setenv(k, v)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    Repo.init(repo).close()
+    synthesize(repo / "data", n=3, seed=1)
+    rev = commit_data(repo)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "data")
+    with pytest.raises(GraceError, match="neither in the DVC cache.*grace data pull"):
+        open_image_set(repo, rev, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
