@@ -384,7 +384,9 @@ def promotion_lease(
     MLflow has no compare-and-set, so a writer claims the tag, waits ``settle`` seconds for any
     concurrent claim to land, and holds the lease only if the tag still names it; the last
     writer wins and every other one retries. A holder killed midway blocks others for ``ttl``,
-    or until its MLflow run is marked ended (what a retry of its step does first).
+    or until its MLflow run is marked ended (what a retry of its step does first). A holder
+    that stalls longer than ``ttl`` inside the lease could overlap with the next one; what it
+    does there (a few registry calls) takes well under a second.
 
     Args:
         client: An ``MlflowClient``.
