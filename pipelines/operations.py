@@ -10,6 +10,8 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,6 @@ import yaml
 from grace.credentials import GIT_TOKEN_ENV, redact_value
 from grace.errors import GraceError
 from grace_kfp.pipelines.kfp_api_errors import kfp_api_errors
-from grace_kfp.pipelines.task_settings import local_run
 
 COMPILED = Path(__file__).parent / "compiled"
 
@@ -183,11 +184,36 @@ def run_local(
             # resources, retries and secrets do not apply
             warnings.filterwarnings("ignore", ".*You may be attemping to run", RuntimeWarning)
             warnings.filterwarnings("ignore", r"Task '.*': settings \[", UserWarning)
-            with local_run():
-                task = _pipeline(name)(**pipeline_arguments(name, arguments))
+            with _without_retries(_pipeline(name)) as pipeline:
+                task = pipeline(**pipeline_arguments(name, arguments))
     except RuntimeError as e:
         raise GraceError(f"pipeline {name} failed: {e}") from e
     return {"output": task.output, "pipeline_root": str(root)}
+
+
+@contextmanager
+def _without_retries(pipeline: Any) -> Iterator[Any]:
+    """``pipeline`` with its tasks' retry policies lifted for the duration (then put back).
+
+    kfp.local honours them, and on one machine a failure is the user's to see at once: bad data
+    retried with backoff would only make them wait minutes for the same error. On a cluster
+    the retries stay, to wait out a flaky service.
+    """
+    spec = pipeline.pipeline_spec
+    dags = [spec.root.dag, *(c.dag for c in spec.components.values() if c.HasField("dag"))]
+    lifted = []
+    for dag in dags:
+        for task in dag.tasks.values():
+            if task.HasField("retry_policy"):
+                policy = type(task.retry_policy)()
+                policy.CopyFrom(task.retry_policy)
+                lifted.append((task, policy))
+                task.ClearField("retry_policy")
+    try:
+        yield pipeline
+    finally:
+        for task, policy in lifted:
+            task.retry_policy.CopyFrom(policy)
 
 
 def submit(

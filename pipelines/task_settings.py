@@ -13,9 +13,6 @@ its checkpoints (the run folder refuses a resume on other data). ``kfp.local`` i
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kfp import kubernetes
@@ -77,32 +74,13 @@ def with_light_resources(tasks) -> None:
         task.set_memory_request(LIGHT_MEMORY[0]).set_memory_limit(LIGHT_MEMORY[1])
 
 
-_LOCAL_RUN = contextvars.ContextVar("grace_local_run", default=False)
-
-
-@contextmanager
-def local_run() -> Iterator[None]:
-    """Build the pipeline for ``kfp.local``: no retries there (kfp.local honours them).
-
-    On one machine a failure is the user's to see at once: bad data retried with backoff
-    would only make them wait minutes for the same error.
-    """
-    token = _LOCAL_RUN.set(True)
-    try:
-        yield
-    finally:
-        _LOCAL_RUN.reset(token)
-
-
 def with_retries(tasks, retries: Retries = Retries()) -> None:
-    """The same retry policy on every task (none in a local run).
+    """The same retry policy on every task (``run_local`` runs without it).
 
     Args:
         tasks: The pipeline's tasks.
         retries: The policy.
     """
-    if _LOCAL_RUN.get():
-        return
     for task in tasks:
         task.set_retry(
             num_retries=retries.num_retries,

@@ -24,7 +24,7 @@ from grace.errors import GraceError
 from grace.workflow.model_registry import CHALLENGER, CHAMPION, Gate
 from grace.workflow.steps import MANIFEST, StepContext, register
 from grace.workflow.tracking import PIPELINE_KEY_TAG, Tracking
-from grace_kfp.pipelines.operations import run_local
+from grace_kfp.pipelines.operations import compile_pipeline, run_local
 from tests.fixtures.servers import mlflow_server, model_server
 
 pytestmark = pytest.mark.slow
@@ -300,6 +300,8 @@ def test_pipeline_stops_at_validation_on_bad_data(tracking_uri, tmp_path, capfd)
     broken = ["00001.png", "00003.png", "00004.png"]
     for name in broken:
         (bad / "images" / name).write_bytes(b"not a png")
+    retries = "maxRetryCount" in compile_pipeline("training", tmp_path / "a.yaml").read_text()
+    assert retries  # the pipeline has them (for the cluster): the local run must not use them
     with pytest.raises(GraceError, match="validate-data"):
         run_local(
             {
@@ -322,3 +324,5 @@ def test_pipeline_stops_at_validation_on_bad_data(tracking_uri, tmp_path, capfd)
     assert all(f"images/{name}" in log for name in broken), log[-3000:]
     assert log.count("the task stopped on 3 problem(s)") == 1  # not retried on one machine
     assert "Traceback" not in log
+    after = compile_pipeline("training", tmp_path / "b.yaml").read_text()
+    assert after == (tmp_path / "a.yaml").read_text()  # the retries are back for the cluster
