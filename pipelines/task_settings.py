@@ -7,8 +7,9 @@ from the Secret named by the pipeline's ``credentials_secret`` parameter; every 
 so a cluster that needs none of them (or only S3) runs as it is.
 
 Every task also requests what it needs (a task without requests runs BestEffort, first to be
-evicted) and retries: steps talk to git, S3 and MLflow, and a retried training step resumes from
-its checkpoints (the run folder refuses a resume on other data). ``kfp.local`` ignores all three.
+evicted) and retries: steps talk to git, S3 and MLflow, whose hiccups a retry waits out (a
+retried pod starts its step over). ``kfp.local`` ignores the Secret and the resources, and
+``run_local`` lifts the retries.
 """
 
 from __future__ import annotations
