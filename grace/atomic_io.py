@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -157,26 +158,57 @@ def _restore_left_aside(target: Path) -> None:
         os.replace(aside[-1], target)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically; False where the system or file system cannot."""
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """The C library's ``renameat2``, or None off Linux or before glibc 2.28."""
     import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:  # glibc < 2.28
+        return None
+    return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system or file system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
-    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return done == 0
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def write_with(target: str | os.PathLike, writer: Callable[[Path], None], suffix: str = "") -> None:
     """Call ``writer(tmp_path)`` and move the result over ``target`` atomically."""
     with atomic_path(target, suffix=suffix) as tmp:
         writer(tmp)
+
+
+def folder_digests(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by its relative POSIX path (``skip`` left out).
+
+    What a folder written atomically records of itself, so a reader can tell it whole: a model
+    (``grace.workflow.pyfunc``) or a training checkpoint.
+    """
+    folder = Path(folder)
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in skip:
+            out[rel] = sha256_of(p)
+    return out
+
+
+def digest_mismatch(want: dict[str, str], have: dict[str, str]) -> tuple[str, str] | None:
+    """The first ``(path, "missing" | "extra" | "changed")`` between two digest maps, or None."""
+    for rel in sorted(set(want) | set(have)):
+        if rel not in have:
+            return rel, "missing"
+        if rel not in want:
+            return rel, "extra"
+        if have[rel] != want[rel]:
+            return rel, "changed"
+    return None
 
 
 def sha256_of(path: str | os.PathLike) -> str:

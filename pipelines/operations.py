@@ -68,10 +68,11 @@ def pipeline_arguments(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
             value = json.dumps(value) if isinstance(value, dict | list) else str(value)
         if not isinstance(value, want):
             raise GraceError(f"pipeline parameter {key}={value!r}: expected {inputs[key].type}")
-        if redact_value(value) != value:
+        shown = redact_value(value)
+        if shown != value:
             # KFP prints parameters in task logs and keeps them in the run's spec
             raise GraceError(
-                f"pipeline parameter {key}={redact_value(value)!r} carries credentials; give it"
+                f"pipeline parameter {key}={shown!r} carries credentials; give it"
                 f" without them and put the secret in the environment ({GIT_TOKEN_ENV},"
                 " AWS_*, MLFLOW_TRACKING_*): Kubernetes secrets on a cluster, README#security"
             )
@@ -128,18 +129,31 @@ def compile_pipeline(
     try:
         compiler.Compiler().compile(_pipeline(name), package_path=tmp.name)
         if image:
-            _set_image(Path(tmp.name), image)
+            _edit_compiled(Path(tmp.name), image=image)
         os.replace(tmp.name, path)
     finally:
         Path(tmp.name).unlink(missing_ok=True)
     return path
 
 
-def _set_image(path: Path, image: str) -> None:
-    """Every executor of a compiled pipeline runs ``image``."""
+def _edit_compiled(path: Path, image: str | None = None, uncached: bool = False) -> None:
+    """Edit a compiled pipeline in one read and one write.
+
+    Args:
+        path: The compiled YAML (the pipeline spec, then the platform spec).
+        image: If given, the image every executor runs.
+        uncached: Turn caching off on every task at every depth.
+    """
     docs = list(yaml.safe_load_all(path.read_text()))
-    for executor in docs[0]["deploymentSpec"]["executors"].values():
-        executor["container"]["image"] = image
+    spec = docs[0]
+    if image:
+        for executor in spec["deploymentSpec"]["executors"].values():
+            executor["container"]["image"] = image
+    if uncached:
+        dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+        for dag in dags:
+            for task in dag.get("tasks", {}).values():
+                task["cachingOptions"] = {}  # enableCache false (protobuf JSON leaves false out)
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
 
 
@@ -290,14 +304,8 @@ def _uncached_package(name: str, folder: Path, image: str | None = None) -> Path
     ``dsl.If`` or a sub-pipeline (the incremental pipeline's validate and evaluate) would still
     be served from cache.
     """
-    path = compile_pipeline(name, folder / f"{name}_pipeline.yaml", image)
-    docs = list(yaml.safe_load_all(path.read_text()))
-    spec = docs[0]
-    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
-    for dag in dags:
-        for task in dag.get("tasks", {}).values():
-            task["cachingOptions"] = {}  # enableCache false (protobuf JSON leaves false out)
-    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    path = compile_pipeline(name, folder / f"{name}_pipeline.yaml")
+    _edit_compiled(path, image=image, uncached=True)
     return path
 
 

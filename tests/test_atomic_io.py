@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from grace.atomic_io import atomic_dir, replace_dir, write_json
+from tests.fixtures.faults import run_killed_at_line
 
 # Writes version 2 over version 1 of a two-file folder, killing itself (SIGKILL) at the Nth
 # line that grace.atomic_io executes: every instant of the swap, whatever its implementation.
 WRITER = """
-import os, signal, sys
 from pathlib import Path
 from grace.atomic_io import atomic_dir
-target, kill_at = Path(sys.argv[1]), int(sys.argv[2])
-lines = 0
-def trace(frame, event, arg):
-    if not frame.f_code.co_filename.endswith("atomic_io.py"):
-        return None
-    global lines
-    if event == "line":
-        lines += 1
-        if lines == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return trace
-sys.settrace(trace)
+target = Path(sys.argv[1])
+arm()
 with atomic_dir(target) as tmp:
     (tmp / "a").write_text("2")
     (tmp / "b").write_text("2" * 1000)
@@ -49,9 +37,7 @@ def test_a_folder_swap_killed_at_any_instant_leaves_one_whole_version(tmp_path):
         with atomic_dir(target) as tmp:
             (tmp / "a").write_text("1")
             (tmp / "b").write_text("1" * 1000)
-        done = subprocess.run(
-            [sys.executable, "-c", WRITER, str(target), str(kill_at)], timeout=60, check=False
-        )
+        done = run_killed_at_line(kill_at, "atomic_io.py", WRITER, str(target), timeout=60)
         versions.append(whole_version(target))
         if done.returncode == 0:  # ran to the end before line kill_at: every instant was tried
             break

@@ -9,14 +9,12 @@ run of the suite tries the same instants.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
@@ -25,7 +23,8 @@ from grace.data.synth import synthesize
 from grace.identifiers import IdentifierMap
 from grace.workflow.model_registry import CHAMPION, REGISTRATION_TAG, Gate, register
 from grace.workflow.tracking import PIPELINE_KEY_TAG, experiment_id, for_uri, step_run
-from tests.fixtures.servers import BIN, mlflow_server
+from tests.fixtures.faults import run_killed_at_line
+from tests.fixtures.servers import BIN
 
 pytestmark = pytest.mark.slow
 LEGACY_MODEL = Path(__file__).resolve().parent / "fixtures" / "legacy_model" / "model"
@@ -67,19 +66,6 @@ with step_run(for_uri(uri, "faults"), key, "register"):
 """
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-        try:
-            yield uri
-        finally:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-            mlflow.set_tracking_uri(previous)
-
-
 def _register_step(uri: str, recall: float, key: str) -> None:
     """The register step as a KFP retry runs it: same pipeline key, in a fresh process."""
     with step_run(for_uri(uri, "faults"), key, "register"):
@@ -88,17 +74,17 @@ def _register_step(uri: str, recall: float, key: str) -> None:
         )
 
 
-def test_registration_killed_at_each_registry_call_is_rolled_back_and_rerun(tracking_uri):
+def test_registration_killed_at_each_registry_call_is_rolled_back_and_rerun(registry_server):
     client = MlflowClient()
-    tracking = for_uri(tracking_uri, "faults")
-    _register_step(tracking_uri, 0.10, "k0")
+    tracking = for_uri(registry_server, "faults")
+    _register_step(registry_server, 0.10, "k0")
     calls = ",".join(f"{owner}:{attr}" for owner, attr in REGISTRY_CALLS)
     kills = 0
     for kill_at in range(1, 20):
         recall = 0.10 + 0.01 * kill_at  # each model better than the last: each should win
         key = f"k{kill_at}"
         done = subprocess.run(
-            [sys.executable, "-c", REGISTER_STEP, tracking_uri, str(LEGACY_MODEL), str(recall),
+            [sys.executable, "-c", REGISTER_STEP, registry_server, str(LEGACY_MODEL), str(recall),
              key, str(kill_at), calls],
             capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
@@ -106,7 +92,7 @@ def test_registration_killed_at_each_registry_call_is_rolled_back_and_rerun(trac
             break  # fewer calls than kill_at: every point has been tried
         assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
         kills += 1
-        _register_step(tracking_uri, recall, key)  # the rerun
+        _register_step(registry_server, recall, key)  # the rerun
         champion = client.get_model_version_by_alias("faults", CHAMPION)
         assert json.loads(champion.tags["metrics"])["grace_R@10"] == pytest.approx(recall)
         assert champion.tags[REGISTRATION_TAG] == "done"
@@ -132,20 +118,9 @@ def test_registration_killed_at_each_registry_call_is_rolled_back_and_rerun(trac
 
 
 # ---- identifier extension --------------------------------------------------------------------
-KILL_AT_LINE = """
-import os, runpy, signal, sys
-kill_at, lines = int(sys.argv[1]), 0
-def trace(frame, event, arg):
-    global lines
-    if "/grace/" not in frame.f_code.co_filename:
-        return None
-    if event == "line":
-        lines += 1
-        if lines == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return trace
-sys.argv = ["grace", *sys.argv[2:]]
-sys.settrace(trace)
+GRACE_CLI = """
+sys.argv = ["grace", *sys.argv[1:]]
+arm()
 from grace.cli import app
 app()
 """
@@ -168,9 +143,10 @@ def test_ids_extend_killed_at_many_points_keeps_every_old_id(tmp_path):
     assert len(before) == len(old)
     kill_at, kills = 1, 0
     while True:
-        cmd = [sys.executable, "-c", KILL_AT_LINE, str(kill_at), "ids", "extend",
-               "--ids", str(ids), "--data", str(both)]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        args = ["ids", "extend", "--ids", str(ids), "--data", str(both)]
+        done = run_killed_at_line(
+            kill_at, "/grace/", GRACE_CLI, *args, capture_output=True, text=True, timeout=120
+        )
         now = IdentifierMap.load(ids).ids  # readable after every kill: whole, old or new
         assert {k: now[k] for k in before} == before  # old ids never change
         if done.returncode == 0:

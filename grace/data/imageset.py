@@ -188,61 +188,64 @@ def check_image(path: Path, limits: Limits) -> tuple[str, int, int] | Problem:
     return hashlib.sha256(data).hexdigest(), w, h
 
 
+def _plain_relative(path: str) -> PurePosixPath | None:
+    """``path`` as a relative POSIX path, or None if it is absolute or climbs with ``..``."""
+    pure = PurePosixPath(path.replace("\\", "/"))
+    return None if pure.is_absolute() or ".." in pure.parts else pure
+
+
 def caption_lines(
-    cap_path: Path, images_dir: Path, problems: list[Problem], max_bytes: int | None = None
+    cap_path: Path, images_dir: Path, problems: list[Problem], max_bytes: int
 ) -> Iterator[tuple[int, dict[str, Any], PurePosixPath]]:
     """Yield ``(row, object, image path inside images/)`` of every well-formed captions.jsonl row.
 
     Well-formed: UTF-8, a JSON object of known fields, an image path inside ``images/``. Every
     other row becomes a problem naming it. What the fields may hold is the caller's rule. The
-    file is streamed, and one over ``max_bytes`` (default ``Limits().max_captions_bytes``) is
-    refused before a row is read.
+    file is streamed, and one over ``max_bytes`` (``Limits.max_captions_bytes``) is refused
+    before a row is read.
     """
     f = str(cap_path)
-    limit = Limits().max_captions_bytes if max_bytes is None else max_bytes
     size = cap_path.stat().st_size
-    if size > limit:
-        problems.append(Problem(f, "max-captions-bytes", f"{size} bytes; at most {limit} (Limits)"))
+    if size > max_bytes:
+        problems.append(
+            Problem(f, "max-captions-bytes", f"{size} bytes; at most {max_bytes} (Limits)")
+        )
         return
     root_resolved = images_dir.resolve()
     with cap_path.open("rb") as lines:
-        yield from _well_formed(lines, f, images_dir, root_resolved, problems)
-
-
-def _well_formed(lines, f, images_dir, root_resolved, problems):
-    for row, raw in enumerate(lines, start=1):
-        raw = raw.rstrip(b"\r\n")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(Problem(f, "utf-8", f"not valid UTF-8 (byte {e.start})", row))
-            continue
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(f, "json-row", f"not a JSON object: {e.msg}", row))
-            continue
-        if not isinstance(obj, dict):
-            problems.append(Problem(f, "json-row", "not a JSON object", row))
-            continue
-        unknown = set(obj) - {"image", "caption", "split"}
-        if unknown:
-            problems.append(Problem(f, "known-fields", f"unknown fields {sorted(unknown)}", row))
-            continue
-        image = obj.get("image")
-        if not isinstance(image, str) or not image:
-            problems.append(Problem(f, "has-image", '"image" must be a non-empty string', row))
-            continue
-        pure = PurePosixPath(image.replace("\\", "/"))
-        target = (images_dir / pure).resolve()
-        if pure.is_absolute() or ".." in pure.parts or not target.is_relative_to(root_resolved):
-            problems.append(
-                Problem(f, "inside-images", f"{image!r} points outside {IMAGES_DIR}/", row)
-            )
-            continue
-        yield row, obj, pure
+        for row, raw in enumerate(lines, start=1):
+            raw = raw.rstrip(b"\r\n")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(Problem(f, "utf-8", f"not valid UTF-8 (byte {e.start})", row))
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(Problem(f, "json-row", f"not a JSON object: {e.msg}", row))
+                continue
+            if not isinstance(obj, dict):
+                problems.append(Problem(f, "json-row", "not a JSON object", row))
+                continue
+            unknown = set(obj) - {"image", "caption", "split"}
+            if unknown:
+                detail = f"unknown fields {sorted(unknown)}"
+                problems.append(Problem(f, "known-fields", detail, row))
+                continue
+            image = obj.get("image")
+            if not isinstance(image, str) or not image:
+                problems.append(Problem(f, "has-image", '"image" must be a non-empty string', row))
+                continue
+            pure = _plain_relative(image)
+            if pure is None or not (images_dir / pure).resolve().is_relative_to(root_resolved):
+                problems.append(
+                    Problem(f, "inside-images", f"{image!r} points outside {IMAGES_DIR}/", row)
+                )
+                continue
+            yield row, obj, pure
 
 
 def _caption_rows(
@@ -320,8 +323,8 @@ def read_manifest(path: str | os.PathLike) -> list[ImageRecord]:
     problems = []
     records = []
     for n, row in enumerate(frame.itertuples(index=False), start=1):
-        where = PurePosixPath(str(row.path).replace("\\", "/"))
-        if where.is_absolute() or ".." in where.parts or where.parts[:1] != (IMAGES_DIR,):
+        where = _plain_relative(str(row.path))
+        if where is None or where.parts[:1] != (IMAGES_DIR,):
             problems.append(
                 Problem(
                     str(path), "inside-images", f"{row.path!r} is not a path in {IMAGES_DIR}/", n

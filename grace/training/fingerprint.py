@@ -26,6 +26,10 @@ RESUMABLE_SETTINGS = frozenset(
 )
 
 
+# (fingerprint part, what it is, what it counts)
+_PARTS = (("data", "image set", "images"), ("identifiers", "identifier map", "ids"))
+
+
 def _digest(rows) -> str:
     h = hashlib.sha256()
     for row in rows:
@@ -57,17 +61,11 @@ def run_fingerprint(
 def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between two fingerprints, one readable line each."""
     out = []
-    for part, what in [("data", "images"), ("identifiers", "ids")]:
-        if before[part]["sha256"] != now[part]["sha256"]:
-            extra = (
-                f", scheme {before[part]['scheme']} -> {now[part]['scheme']}"
-                if (part == "identifiers")
-                else ""
-            )
-            out.append(
-                f"{part}: another {'image set' if part == 'data' else 'identifier map'} "
-                f"({before[part][what]} {what} -> {now[part][what]}{extra})"
-            )
+    for part, name, count in _PARTS:
+        a, b = before[part], now[part]
+        if a["sha256"] != b["sha256"]:
+            scheme = f", scheme {a['scheme']} -> {b['scheme']}" if "scheme" in a else ""
+            out.append(f"{part}: another {name} ({a[count]} {count} -> {b[count]}{scheme})")
     old, new = before["settings"], now["settings"]
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):

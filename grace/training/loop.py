@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from grace.atomic_io import atomic_dir, replace_dir, sha256_of, write_json
+from grace.atomic_io import atomic_dir, digest_mismatch, folder_digests, replace_dir, write_json
 from grace.constants import LITE_BACKBONE, TINY_BACKBONE
 from grace.data.records import ImageRecord
 from grace.errors import GraceError
@@ -461,13 +461,14 @@ def _checkpoint_damage(ckpt: Path) -> str | None:
         state = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, ValueError):
         return f"no readable {STATE_FILE}"
-    for rel, digest in state.get("files", {}).items():  # none listed: written before digests
-        path = ckpt / rel
-        if not path.is_file():
-            return f"{rel} is missing"
-        if sha256_of(path) != digest:
-            return f"{rel} does not match its sha256"
-    return None
+    want = state.get("files")
+    if want is None:  # written before checkpoints listed their files
+        return None
+    mismatch = digest_mismatch(want, folder_digests(ckpt, skip=(STATE_FILE,)))
+    if mismatch is None or mismatch[1] == "extra":  # a file added later is never read
+        return None
+    rel, kind = mismatch
+    return f"{rel} is missing" if kind == "missing" else f"{rel} does not match its sha256"
 
 
 def _save_checkpoint(
@@ -489,11 +490,7 @@ def _save_checkpoint(
         engine.barrier()
         if engine.is_main:
             where = {"step": step, "epoch": position[0], "batch": position[1]}
-            files = {
-                p.relative_to(partial).as_posix(): sha256_of(p)
-                for p in sorted((partial / "engine").rglob("*"))
-                if p.is_file()
-            }
+            files = folder_digests(partial)  # the engine's files: the state is not written yet
             state = {**where, "pseudo_queries": pseudo, "seconds": seconds, "files": files}
             write_json(partial / STATE_FILE, state)
             replace_dir(partial, target)

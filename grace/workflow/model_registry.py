@@ -229,8 +229,10 @@ def resolve_model(uri: str) -> tuple[str, str, dict[str, str], str]:
 def download_grace_model(name: str, version: str, dst: str | os.PathLike) -> Path:
     """The saved GraceRetriever folder of a registered version, its files verified.
 
-    Versions registered before the pyfunc became data-only keep the folder under ``artifacts/``
-    and have no digests; they are returned as found.
+    Checked against the digest the registry recorded for the version (a registry-side copy, so
+    a rewritten artifact store cannot vouch for itself). Versions registered before the pyfunc
+    became data-only keep the folder under ``artifacts/`` and have no digests; they are
+    returned as found.
     """
     import mlflow
 
@@ -243,8 +245,9 @@ def download_grace_model(name: str, version: str, dst: str | os.PathLike) -> Pat
             break
     else:
         raise GraceError(f"models:/{name}/{version} holds no GRACE model folder")
-    if (found / pyfunc.DIGESTS_FILE).is_file():
-        pyfunc.verify_digests(found, _registered_digest(name, version))
+    recorded = _registered_digest(name, version)
+    if recorded is not None or (found / pyfunc.DIGESTS_FILE).is_file():
+        pyfunc.verify_digests(found, recorded)  # a deleted sha256.json is no way round it
     return found
 
 
@@ -458,28 +461,19 @@ def _requirements() -> list[str]:
 def load_pyfunc(model_uri: str) -> Any:
     """Load a registered model, e.g. ``models:/grace@champion``, its files verified.
 
-    The folder is downloaded and checked against the digest the registry recorded for the
-    version (a registry-side copy, so a rewritten artifact store cannot vouch for itself) before
-    MLflow imports the installed loader.
+    The version is downloaded and verified by :func:`download_grace_model` before MLflow imports
+    the installed loader.
     """
     import tempfile
 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from grace.workflow import pyfunc
-
     try:
         if model_uri.startswith("models:/"):
-            name, version, tags, _ = resolve_model(model_uri)
-            local = Path(tempfile.mkdtemp(prefix="grace-model-"))
-            local = Path(
-                mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=local)
-            )
-            staged = local / "data" / pyfunc.ARTIFACT
-            if DIGEST_TAG in tags:
-                pyfunc.verify_digests(staged, tags[DIGEST_TAG])
-            return mlflow.pyfunc.load_model(os.fspath(local))
+            name, version, _, _ = resolve_model(model_uri)
+            found = download_grace_model(name, version, tempfile.mkdtemp(prefix="grace-model-"))
+            return mlflow.pyfunc.load_model(os.fspath(found.parents[1]))  # the MLmodel folder
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
         raise GraceError(f"cannot load {model_uri}: {e.message.splitlines()[0]}") from e

@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from grace.atomic_io import sha256_of
+from grace.atomic_io import digest_mismatch, folder_digests
 from grace.errors import GraceError
 
 ARTIFACT = "grace_model"
@@ -149,15 +149,10 @@ class GraceRetrievalModel:
 # ---- file digests ----------------------------------------------------------------------------
 def file_digests(folder: str | os.PathLike) -> dict[str, str]:
     """sha256 of every regular file under ``folder`` (the digests file itself excluded)."""
-    folder = Path(folder)
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if p.is_symlink():
-            raise GraceError(f"{p}: a model folder may not hold symlinks")
-        if p.is_file() and rel != DIGESTS_FILE:
-            out[rel] = sha256_of(p)
-    return out
+    link = next((p for p in Path(folder).rglob("*") if p.is_symlink()), None)
+    if link is not None:
+        raise GraceError(f"{link}: a model folder may not hold symlinks")
+    return folder_digests(folder, skip=(DIGESTS_FILE,))
 
 
 def digests_sha256(folder: str | os.PathLike) -> str:
@@ -178,15 +173,15 @@ def verify_digests(folder: str | os.PathLike, expected_sha256: str | None = None
         raise GraceError(f"{folder}: no {DIGESTS_FILE}; the model cannot be verified")
     if expected_sha256 is not None and digests_sha256(folder) != expected_sha256:
         raise GraceError(f"{listed}: does not match the digest the registry recorded")
-    want = json.loads(listed.read_text())
-    have = file_digests(folder)
-    for rel in sorted(set(want) | set(have)):
-        if rel not in have:
-            raise GraceError(f"{folder / rel}: missing from the model (sha256 listed)")
-        if rel not in want:
-            raise GraceError(f"{folder / rel}: not part of the model as registered")
-        if have[rel] != want[rel]:
-            raise GraceError(f"{folder / rel}: sha256 differs from the registered model's")
+    mismatch = digest_mismatch(json.loads(listed.read_text()), file_digests(folder))
+    if mismatch is not None:
+        rel, kind = mismatch
+        why = {
+            "missing": "missing from the model (sha256 listed)",
+            "extra": "not part of the model as registered",
+            "changed": "sha256 differs from the registered model's",
+        }[kind]
+        raise GraceError(f"{folder / rel}: {why}")
 
 
 @contextmanager

@@ -136,10 +136,11 @@ def step_run(
 
     parent = parent_run_id(tracking, pipeline_key)
     client = MlflowClient(tracking.uri)
-    close_killed_attempts(client, experiment_id(tracking), f"{pipeline_key}/{step}")
+    experiment = experiment_id(tracking)
+    close_killed_attempts(client, experiment, f"{pipeline_key}/{step}")
     with mlflow.start_run(
         run_name=step,
-        experiment_id=experiment_id(tracking),
+        experiment_id=experiment,
         parent_run_id=parent,
         tags={PIPELINE_KEY_TAG: f"{pipeline_key}/{step}", STEP_TAG: step},
     ) as run:

@@ -87,20 +87,26 @@ def test_validate_data_materializes_the_set_and_its_report(steps):
     assert json.loads(Path(steps["result"].path).read_text())["summary"]["success"] is True
 
 
+def refused_by_validate_data(source: Path, rev: str, tmp_path: Path) -> list:
+    """The problems validate_data refuses ``source`` at ``rev`` with (report in tmp_path)."""
+    dataset = Dataset(name="dataset", uri=str(tmp_path / "ds"), metadata={})
+    with pytest.raises(InvalidInputError) as err:
+        validate_data.python_func(
+            source=str(source), rev=rev, data_dir="data", min_images=1, dataset=dataset,
+            report=HTML(name="r", uri=str(tmp_path / "r.html"), metadata={}),
+            result=Artifact(name="j", uri=str(tmp_path / "r.json"), metadata={}),
+            tracking_uri="", experiment="x", pipeline_key="k",
+        )  # fmt: skip
+    return err.value.problems
+
+
 def test_validate_data_refuses_bad_rows_and_leaves_no_dataset(tmp_path):
     synthesize(tmp_path / "bad", n=4, seed=1)
     bad_row = len((tmp_path / "bad" / "captions.jsonl").read_text().splitlines()) + 1
     with open(tmp_path / "bad" / "captions.jsonl", "a") as f:
         f.write('{"image": "../../etc/passwd", "caption": "x"}\n')
-    dataset = Dataset(name="dataset", uri=str(tmp_path / "ds"), metadata={})
-    with pytest.raises(InvalidInputError) as err:
-        validate_data.python_func(
-            source=str(tmp_path / "bad"), rev="", data_dir="data", min_images=1,
-            dataset=dataset, report=HTML(name="r", uri=str(tmp_path / "r.html"), metadata={}),
-            result=Artifact(name="j", uri=str(tmp_path / "r.json"), metadata={}),
-            tracking_uri="", experiment="x", pipeline_key="k",
-        )  # fmt: skip
-    assert [(p.row, p.rule) for p in err.value.problems] == [(bad_row, "inside-images")]
+    problems = refused_by_validate_data(tmp_path / "bad", "", tmp_path)
+    assert [(p.row, p.rule) for p in problems] == [(bad_row, "inside-images")]
     assert not (tmp_path / "ds").exists()
     assert "FAILED" in (tmp_path / "r.html").read_text()
 
@@ -109,15 +115,8 @@ def test_validate_data_copies_links_as_links_and_refuses_them(tmp_path):
     synthesize(tmp_path / "src", n=4, seed=1)
     synthesize(tmp_path / "elsewhere", n=2, seed=9)
     (tmp_path / "src" / "images" / "more").symlink_to(tmp_path / "elsewhere" / "images")
-    dataset = Dataset(name="dataset", uri=str(tmp_path / "ds"), metadata={})
-    with pytest.raises(InvalidInputError) as err:
-        validate_data.python_func(
-            source=str(tmp_path / "src"), rev="", data_dir="data", min_images=1,
-            dataset=dataset, report=HTML(name="r", uri=str(tmp_path / "r.html"), metadata={}),
-            result=Artifact(name="j", uri=str(tmp_path / "r.json"), metadata={}),
-            tracking_uri="", experiment="x", pipeline_key="k",
-        )  # fmt: skip
-    assert [(Path(p.file).name, p.rule) for p in err.value.problems] == [("more", "no-symlinks")]
+    problems = refused_by_validate_data(tmp_path / "src", "", tmp_path)
+    assert [(Path(p.file).name, p.rule) for p in problems] == [("more", "no-symlinks")]
     assert not (tmp_path / "ds").exists()
 
 
@@ -139,16 +138,9 @@ def test_validate_data_of_a_bad_revision_reports_it_by_repo_path(tmp_path, monke
     with open(repo / "data" / "captions.jsonl", "a") as f:
         f.write('{"image": "missing.png", "caption": "x"}\n')
     rev = commit_data(repo)  # committed without validation, as another tool might
-    dataset = Dataset(name="dataset", uri=str(tmp_path / "ds"), metadata={})
-    with pytest.raises(InvalidInputError) as err:
-        validate_data.python_func(
-            source=str(repo), rev=rev, data_dir="data", min_images=1, dataset=dataset,
-            report=HTML(name="r", uri=str(tmp_path / "r.html"), metadata={}),
-            result=Artifact(name="j", uri=str(tmp_path / "r.json"), metadata={}),
-            tracking_uri="", experiment="x", pipeline_key="k",
-        )  # fmt: skip
+    problems = refused_by_validate_data(repo, rev, tmp_path)
     named = f"{repo}@{rev}:data/captions.jsonl"
-    assert [(p.file, p.row) for p in err.value.problems] == [(named, bad_row)]
+    assert [(p.file, p.row) for p in problems] == [(named, bad_row)]
     report = (tmp_path / "r.html").read_text()
     assert "FAILED" in report and named in report and str(tmp_path / "ds") not in report
     assert json.loads((tmp_path / "r.json").read_text())["problems"][0]["file"] == named

@@ -141,6 +141,19 @@ def uninterrupted(tmp_path_factory, small_backbone, one_thread):
     return records, root, id_map, out, trace
 
 
+def checkpoints_resumed_from(monkeypatch) -> list[str]:
+    """The checkpoint folders (``step-N``) the plain engine loads from, in order, as it does."""
+    resumed_from: list[str] = []
+    real_load = PlainEngine.load_checkpoint
+
+    def load(self, ckpt_dir):
+        resumed_from.append(Path(ckpt_dir).parent.name)
+        return real_load(self, ckpt_dir)
+
+    monkeypatch.setattr(PlainEngine, "load_checkpoint", load)
+    return resumed_from
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
@@ -196,14 +209,7 @@ def test_checkpoint_killed_while_written_is_never_resumed_from(
     (out / "checkpoints" / "step-00000009" / "engine").mkdir(parents=True)
     assert loop._latest_checkpoint(out).name == "step-00000005"
 
-    resumed_from = []
-    real_load = PlainEngine.load_checkpoint
-
-    def load(self, ckpt_dir):
-        resumed_from.append(Path(ckpt_dir).parent.name)
-        return real_load(self, ckpt_dir)
-
-    monkeypatch.setattr(PlainEngine, "load_checkpoint", load)
+    resumed_from = checkpoints_resumed_from(monkeypatch)
     train(records, root, id_map, out, cfg, progress=False)
     assert resumed_from == ["step-00000005"]
     assert_same_weights(out, want)
@@ -249,14 +255,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
     (ckpts / ".step-00000015.partial" / "engine").mkdir(parents=True)  # killed writers' leftovers
     (out / ".model.k2j4x9").mkdir()
     (out / ".fingerprint.json.abc.tmp").write_text("{")
-    resumed_from = []
-    real_load = PlainEngine.load_checkpoint
-
-    def load(self, ckpt_dir):
-        resumed_from.append(Path(ckpt_dir).parent.name)
-        return real_load(self, ckpt_dir)
-
-    monkeypatch.setattr(PlainEngine, "load_checkpoint", load)
+    resumed_from = checkpoints_resumed_from(monkeypatch)
     with pytest.warns(UserWarning, match="step-00000012.*sha256.*older checkpoint"):
         train(records, root, id_map, out, cfg, progress=False)
     assert resumed_from == ["step-00000010"]

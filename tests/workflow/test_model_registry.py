@@ -28,7 +28,7 @@ from grace.workflow.model_registry import (
     load_pyfunc,
     register,
 )
-from tests.fixtures.servers import mlflow_server, model_server
+from tests.fixtures.servers import model_server
 
 pytestmark = pytest.mark.slow
 
@@ -53,19 +53,6 @@ print(json.dumps(reg.to_dict()))
 """
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-        try:
-            yield uri
-        finally:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-            mlflow.set_tracking_uri(previous)
-
-
 def _register(name: str, recall: float, model_dir: Path = LEGACY_MODEL):
     mlflow.set_experiment("registry-test")
     with mlflow.start_run():
@@ -74,7 +61,7 @@ def _register(name: str, recall: float, model_dir: Path = LEGACY_MODEL):
         )
 
 
-def test_concurrent_registrations_leave_the_better_model_champion(tracking_uri, tmp_path):
+def test_concurrent_registrations_leave_the_better_model_champion(registry_server, tmp_path):
     name = "race"
     first = _register(name, 0.50)
     assert first.decision.promote
@@ -86,7 +73,7 @@ def test_concurrent_registrations_leave_the_better_model_champion(tracking_uri, 
         for i in range(files):  # more files upload longer: the worse model finishes last
             (model_dir / f"shard{i}.bin").write_bytes(b"x" * 1000)
         return subprocess.Popen(
-            [sys.executable, "-c", RACER, tracking_uri, str(model_dir), name, str(recall), go],
+            [sys.executable, "-c", RACER, registry_server, str(model_dir), name, str(recall), go],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -109,7 +96,7 @@ def test_concurrent_registrations_leave_the_better_model_champion(tracking_uri, 
 
 
 def test_a_registered_model_holds_no_code_and_loads_through_the_installed_package(
-    tracking_uri, tmp_path
+    registry_server, tmp_path
 ):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -128,7 +115,7 @@ def test_a_registered_model_holds_no_code_and_loads_through_the_installed_packag
     assert (found / "grace.json").is_file()
 
 
-def test_a_changed_file_or_digest_list_is_refused_at_load(tracking_uri, tmp_path):
+def test_a_changed_file_or_digest_list_is_refused_at_load(registry_server, tmp_path):
     reg = _register("tamper", 0.6)
     local = Path(mlflow.artifacts.download_artifacts(reg.model_uri, dst_path=tmp_path / "dl"))
     data = local / "data" / "grace_model"
@@ -164,10 +151,10 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def test_the_rest_server_refuses_requests_beyond_the_caps(tracking_uri, tmp_path):
+def test_the_rest_server_refuses_requests_beyond_the_caps(registry_server, tmp_path):
     _register("served", 0.6)
     one = {"dataframe_split": {"columns": ["query"], "data": [["a red circle"]]}}
-    with model_server("models:/served@champion", tracking_uri, tmp_path / "serve.log") as url:
+    with model_server("models:/served@champion", registry_server, tmp_path / "serve.log") as url:
         status, body = _post(url, {**one, "params": {"k": 3}})
         assert status == 200 and [p["rank"] for p in body["predictions"]] == [1, 2, 3]
         refused = {
